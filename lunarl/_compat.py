@@ -1,0 +1,33 @@
+"""Compatibility shims between the pinned libraries.
+
+brax 0.14.2 (the newest release) calls ``jax.device_put_replicated``, which JAX 0.10 removed.
+We want the newest JAX (0.10.x here, 0.11.x on the CUDA image), so instead of pinning an old
+JAX for the sake of one call we give brax an equivalent built on ``jax.device_put`` with a
+sharding. Installed once, on ``import lunarl``; a no-op where JAX still has the function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _device_put_replicated(tree: Any, devices: Sequence[jax.Device]) -> Any:
+    """Stack ``len(devices)`` copies of every leaf and place copy i on device i."""
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("replica",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("replica"))
+
+    def put(leaf: Any) -> jax.Array:
+        leaf = jnp.asarray(leaf)
+        stacked = jnp.broadcast_to(leaf, (len(devices),) + leaf.shape)
+        return jax.device_put(stacked, sharding)
+
+    return jax.tree.map(put, tree)
+
+
+def install() -> None:
+    if not hasattr(jax, "device_put_replicated"):
+        jax.device_put_replicated = _device_put_replicated  # type: ignore[attr-defined]
