@@ -8,7 +8,8 @@ sharding. Installed once, on ``import lunarl``; a no-op where JAX still has the 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -4,9 +4,9 @@ An env is a Brax ``Env``: ``reset(rng) -> State`` and ``step(state, action) -> S
 and jittable, and ``State`` is Brax's own, so Brax's wrappers and trainers run on lunarl envs
 unchanged. What lunarl adds:
 
-* ``EnvConfig``: a frozen dataclass of the env's parameters. Each field may declare its allowed
-  range (``bounded``); ``EnvConfig.build(**overrides)`` rejects unknown fields, wrong types and
-  out-of-range values with a ``ValueError`` that names the field.
+* ``EnvConfig``: a frozen dataclass of the env's parameters (a ``lunarl.config.Config``). Each
+  field may declare its allowed range (``bounded``); ``EnvConfig.build(**overrides)`` rejects
+  unknown fields, wrong types and out-of-range values with a ``ValueError`` naming the field.
 * ``LunarEnv``: the base class. The env's own physical state lives in ``State.pipeline_state``
   (a ``flax.struct`` dataclass); ``State.info`` holds only ``rng`` plus what wrappers add, so the
   auto-reset wrapper can swap in a fresh episode by replacing ``pipeline_state`` and ``obs``.
@@ -19,8 +19,6 @@ unchanged. What lunarl adds:
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from typing import Any, ClassVar
 
 import jax
@@ -28,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from brax.envs.base import Env, State, Wrapper
 from brax.envs.wrappers.training import EpisodeWrapper, VmapWrapper
+
+from lunarl.config import Config, bounded
 
 __all__ = [
     "AutoResetWrapper",
@@ -41,102 +41,9 @@ __all__ = [
 ]
 
 
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
-
-
-def bounded(default: Any, low: float | None = None, high: float | None = None, doc: str = "") -> Any:
-    """A dataclass field with an allowed closed range ``[low, high]`` (either end may be open)."""
-    return dataclasses.field(default=default, metadata={"range": (low, high), "doc": doc})
-
-
-def _check_type(cls_name: str, name: str, hint: Any, value: Any) -> Any:
-    """Return ``value`` converted to the field's type, or raise naming the field."""
-    origin = typing.get_origin(hint)
-    where = f"{cls_name}.{name}"
-    if hint is bool:
-        if isinstance(value, (bool, np.bool_)):
-            return bool(value)
-        raise ValueError(f"{where} must be a bool, got {value!r}")
-    if hint is int:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{where} must be an int, got {value!r}")
-        return int(value)
-    if hint is float:
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-            raise ValueError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (tuple, list)):
-            raise ValueError(f"{where} must be a sequence, got {value!r}")
-        args = typing.get_args(hint)
-        inner = args[0] if args else Any
-        return tuple(_check_type(cls_name, name, inner, v) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(cls_name, name, arg, value)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{where}: bad value {value!r}")
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
-class EnvConfig:
-    """Base of every env's parameters. Subclasses add fields, most declared with ``bounded``.
-
-    Construction validates: types are checked (an int where a float is expected is accepted and
-    converted) and every ``bounded`` field must lie in its range. Subclasses with constraints
-    between fields override ``check`` and raise ``ValueError`` naming the field.
-    """
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        name_of_cls = type(self).__name__
-        for f in dataclasses.fields(self):
-            value = _check_type(name_of_cls, f.name, hints[f.name], getattr(self, f.name))
-            object.__setattr__(self, f.name, value)
-            low, high = f.metadata.get("range", (None, None))
-            values = value if isinstance(value, tuple) else (value,)
-            for v in values:
-                if v is None or isinstance(v, str):
-                    continue
-                if (low is not None and v < low) or (high is not None and v > high):
-                    lo = "-inf" if low is None else low
-                    hi = "inf" if high is None else high
-                    raise ValueError(
-                        f"{name_of_cls}.{f.name}={value!r} is out of range: allowed [{lo}, {hi}]"
-                    )
-        self.check()
-
-    def check(self) -> None:
-        """Cross-field constraints; override in subclasses."""
-
-    @classmethod
-    def build(cls, **overrides: Any) -> "EnvConfig":
-        """The defaults with ``overrides`` applied; unknown names raise ``ValueError``."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(
-                f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}"
-            )
-        return cls(**overrides)
-
-    def replace(self, **overrides: Any) -> "EnvConfig":
-        return type(self).build(**{**dataclasses.asdict(self), **overrides})
+class EnvConfig(Config):
+    """Base of every env's parameters (see ``lunarl.config.Config`` for validation)."""
 
 
 # --------------------------------------------------------------------------------------------
