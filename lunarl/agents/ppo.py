@@ -1,0 +1,404 @@
+"""PPO (clipped surrogate, GAE) as three pure functions: ``init``, ``train_step``, ``make_policy``.
+
+One ``train_step`` is one iteration, a single XLA program when jitted: ``lax.scan`` over
+``unroll_length`` steps of ``num_envs`` vmapped envs, GAE by a reverse ``lax.scan``, then
+``num_epochs`` passes over shuffled minibatches (a permutation reshaped into minibatches, another
+``lax.scan``). Nothing leaves the device inside an iteration. Several seeds train as one program
+with ``jax.vmap(train_step)`` over a ``jax.vmap``-ed ``init``.
+
+Design choices:
+
+* Actions: a diagonal Gaussian with a learned state-independent log-std. The env receives the
+  sample clipped to [-1, 1], while log-probabilities are of the unclipped sample. Unlike a
+  tanh-squashed Gaussian this keeps the log-prob and entropy exact and cheap (no Jacobian term,
+  no atanh of saturated actions), and the deterministic action is simply the clipped mean.
+* Time limits: the episode-limit wrapper ends episodes that did not terminate. At such a
+  truncation we bootstrap from the value of the last observation of the finished episode
+  (``info["final_obs"]``, kept by lunarl's auto-reset wrapper) instead of treating it as terminal;
+  only real terminations cut the return.
+* Observation normalisation: running mean/var (``RunningStats``) in the train state. The stats
+  that collected a batch are also used to learn from it (so the first epoch's ratio is exactly
+  1), then the batch is merged into them for the next iteration.
+* Reward scaling: rewards are multiplied by ``reward_scaling`` before GAE (logged episode returns
+  stay unscaled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import distrax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from lunarl.agents.networks import ACTIVATIONS, ActorCritic, RunningStats
+from lunarl.config import Config, bounded
+from lunarl.envs.base import LunarEnv, State, wrap_for_training
+
+__all__ = [
+    "CONFIG_CLASS",
+    "PPOConfig",
+    "TrainState",
+    "Transition",
+    "compute_gae",
+    "init",
+    "make_policy",
+    "policy_params",
+    "ppo_loss",
+    "rollout",
+    "train_step",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig(Config):
+    """PPO hyperparameters. Defaults follow the rover seed (lr 3e-4, 10 epochs, [256, 256] tanh)."""
+
+    num_envs: int = bounded(64, 1, None, "parallel environments")
+    episode_length: int = bounded(1000, 1, None, "episode limit (steps) applied by the wrapper")
+    unroll_length: int = bounded(32, 1, None, "steps collected per env per iteration")
+    num_minibatches: int = bounded(8, 1, None, "minibatches per epoch")
+    num_epochs: int = bounded(10, 1, None, "passes over each batch")
+    learning_rate: float = bounded(3e-4, 1e-8, 1.0)
+    lr_decay: bool = False
+    total_iterations: int = bounded(1000, 1, None, "iterations the linear LR decay spans")
+    gamma: float = bounded(0.99, 0.0, 1.0)
+    gae_lambda: float = bounded(0.95, 0.0, 1.0)
+    clip_eps: float = bounded(0.2, 1e-3, 1.0)
+    value_coef: float = bounded(0.5, 0.0, None)
+    entropy_coef: float = bounded(0.0, 0.0, None)
+    max_grad_norm: float = bounded(0.5, 1e-6, None)
+    policy_hidden: tuple[int, ...] = bounded((256, 256), 1, None)
+    value_hidden: tuple[int, ...] = bounded((256, 256), 1, None)
+    activation: str = "tanh"
+    init_log_std: float = bounded(0.0, -5.0, 2.0, "initial log standard deviation of the policy")
+    normalize_observations: bool = True
+    reward_scaling: float = bounded(1.0, 1e-8, None)
+    normalize_advantages: bool = True
+
+    def check(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"PPOConfig.activation={self.activation!r} is not allowed: allowed {sorted(ACTIVATIONS)}"
+            )
+        batch = self.num_envs * self.unroll_length
+        if batch % self.num_minibatches:
+            raise ValueError(
+                f"PPOConfig.num_minibatches={self.num_minibatches} must divide "
+                f"num_envs * unroll_length = {batch}"
+            )
+
+    @property
+    def updates_per_iteration(self) -> int:
+        return self.num_epochs * self.num_minibatches
+
+
+CONFIG_CLASS = PPOConfig
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything one PPO run carries between iterations; only arrays are pytree leaves."""
+
+    params: Any
+    opt_state: Any
+    obs_stats: RunningStats
+    env_state: State  # batched, from the training wrapper stack
+    rng: jax.Array
+    iteration: jax.Array  # int32 scalar
+    env_steps: jax.Array  # int32 scalar
+    env: LunarEnv = struct.field(pytree_node=False)  # the unbatched env; wrapped on use
+    cfg: PPOConfig = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class Transition:
+    """One collected step of every env (leaves time-major: [T, N, ...] after the rollout)."""
+
+    obs: jax.Array  # raw observation the action was taken from
+    action: jax.Array  # unclipped Gaussian sample
+    log_prob: jax.Array
+    reward: jax.Array  # scaled
+    done: jax.Array  # episode ended: termination or truncation
+    truncation: jax.Array  # ended by the episode limit only
+    final_obs: jax.Array  # observation after the step, before any auto-reset
+    episode_return: jax.Array  # the episode's (unscaled) return; meaningful where done
+    episode_length: jax.Array
+    episode_success: jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def _network(env: LunarEnv, cfg: PPOConfig) -> ActorCritic:
+    return ActorCritic(
+        action_size=env.action_size,
+        policy_hidden=cfg.policy_hidden,
+        value_hidden=cfg.value_hidden,
+        activation=cfg.activation,
+        init_log_std=cfg.init_log_std,
+    )
+
+
+def _training_env(env: LunarEnv, cfg: PPOConfig):
+    # Wrapping is cheap Python; keeping the unwrapped env in the state keeps the state's treedef
+    # equal across ``init`` calls with the same env, so jitted functions are not recompiled.
+    return wrap_for_training(env, cfg.episode_length)
+
+
+def _lr_schedule(cfg: PPOConfig) -> optax.Schedule:
+    if cfg.lr_decay:
+        return optax.linear_schedule(
+            cfg.learning_rate, 0.0, cfg.total_iterations * cfg.updates_per_iteration
+        )
+    return optax.constant_schedule(cfg.learning_rate)
+
+
+def _optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adam(_lr_schedule(cfg), eps=1e-5),
+    )
+
+
+def _normalize(cfg: PPOConfig, stats: RunningStats, obs: jax.Array) -> jax.Array:
+    return stats.normalize(obs) if cfg.normalize_observations else obs
+
+
+def _as_raw_key(rng: jax.Array) -> jax.Array:
+    """Accept new-style typed keys too; the env contract stores raw uint32[2] keys."""
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(rng)
+    return rng
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def init(rng: jax.Array, env: LunarEnv, cfg: PPOConfig) -> TrainState:
+    """A fresh train state: network, optimiser, normaliser and ``cfg.num_envs`` reset envs."""
+    rng = _as_raw_key(rng)
+    k_params, k_env, k_state = jax.random.split(rng, 3)
+    params = _network(env, cfg).init(k_params, jnp.zeros((1, env.observation_size), jnp.float32))
+    env_state = _training_env(env, cfg).reset(jax.random.split(k_env, cfg.num_envs))
+    return TrainState(
+        params=params,
+        opt_state=_optimizer(cfg).init(params),
+        obs_stats=RunningStats.create(env.observation_size),
+        env_state=env_state,
+        rng=k_state,
+        iteration=jnp.zeros((), jnp.int32),
+        env_steps=jnp.zeros((), jnp.int32),
+        env=env,
+        cfg=cfg,
+    )
+
+
+def policy_params(ts: TrainState) -> dict[str, Any]:
+    """What acting needs: network parameters and observation statistics."""
+    return {"params": ts.params, "obs_stats": ts.obs_stats}
+
+
+def make_policy(env: LunarEnv, cfg: PPOConfig):
+    """``policy(params, obs, rng, deterministic) -> action`` in [-1, 1] for obs [..., obs_size]."""
+    net = _network(env, cfg)
+
+    def policy(params: dict[str, Any], obs: jax.Array, rng: jax.Array, deterministic: bool = True) -> jax.Array:
+        obs = _normalize(cfg, params["obs_stats"], obs)
+        mean, log_std = net.apply(params["params"], obs, method=ActorCritic.policy)
+        sample = distrax.MultivariateNormalDiag(mean, jnp.exp(log_std)).sample(seed=rng)
+        # ``where`` so ``deterministic`` may be a Python bool or a traced one.
+        return jnp.clip(jnp.where(deterministic, mean, sample), -1.0, 1.0)
+
+    return policy
+
+
+def rollout(ts: TrainState) -> tuple[State, Transition, jax.Array]:
+    """Collect ``unroll_length`` steps of every env: (final env state, time-major batch, new rng)."""
+    cfg = ts.cfg
+    env = _training_env(ts.env, cfg)
+    net = _network(ts.env, cfg)
+    rng, key = jax.random.split(ts.rng)
+
+    def step(env_state: State, key: jax.Array) -> tuple[State, Transition]:
+        obs = _normalize(cfg, ts.obs_stats, env_state.obs)
+        mean, log_std = net.apply(ts.params, obs, method=ActorCritic.policy)
+        dist = distrax.MultivariateNormalDiag(mean, jnp.exp(log_std))
+        action, log_prob = dist.sample_and_log_prob(seed=key)
+        next_state = env.step(env_state, jnp.clip(action, -1.0, 1.0))
+        episode = next_state.info["episode_metrics"]
+        success = episode.get("success", jnp.zeros_like(next_state.reward))
+        transition = Transition(
+            obs=env_state.obs,
+            action=action,
+            log_prob=log_prob,
+            reward=next_state.reward * cfg.reward_scaling,
+            done=next_state.done,
+            truncation=next_state.info["truncation"],
+            final_obs=next_state.info["final_obs"],
+            episode_return=episode["sum_reward"],
+            episode_length=episode["length"],
+            episode_success=(success > 0).astype(jnp.float32),
+        )
+        return next_state, transition
+
+    env_state, batch = jax.lax.scan(step, ts.env_state, jax.random.split(key, cfg.unroll_length))
+    return env_state, batch, rng
+
+
+def compute_gae(
+    rewards: jax.Array,
+    values: jax.Array,
+    next_values: jax.Array,
+    done: jax.Array,
+    truncation: jax.Array,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[jax.Array, jax.Array]:
+    """GAE advantages and value targets for time-major [T, ...] arrays.
+
+    ``next_values[t]`` is the value of the observation step t produced, before any auto-reset
+    (the final observation of a finished episode). A termination (``done`` and not
+    ``truncation``) contributes no bootstrap; a truncation bootstraps from ``next_values[t]``.
+    Either way the advantage recursion stops at the episode boundary.
+    """
+    terminated = done * (1.0 - truncation)
+    deltas = rewards + gamma * (1.0 - terminated) * next_values - values
+
+    def backward(next_advantage: jax.Array, xs: tuple[jax.Array, jax.Array]):
+        delta, d = xs
+        advantage = delta + gamma * gae_lambda * (1.0 - d) * next_advantage
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(
+        backward, jnp.zeros_like(values[0]), (deltas, done), reverse=True
+    )
+    return advantages, advantages + values
+
+
+@struct.dataclass
+class _Sample:
+    obs: jax.Array  # normalised
+    action: jax.Array
+    log_prob: jax.Array
+    advantage: jax.Array
+    target: jax.Array
+
+
+def ppo_loss(
+    params: Any, net: ActorCritic, batch: _Sample, cfg: PPOConfig
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped surrogate + value loss - entropy bonus on one minibatch, and diagnostics."""
+    mean, log_std, value = net.apply(params, batch.obs)
+    dist = distrax.MultivariateNormalDiag(mean, jnp.exp(log_std))
+    log_ratio = dist.log_prob(batch.action) - batch.log_prob
+    ratio = jnp.exp(log_ratio)
+    advantage = batch.advantage
+    if cfg.normalize_advantages:
+        advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
+    clipped = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
+    policy_loss = -jnp.minimum(ratio * advantage, clipped * advantage).mean()
+    value_loss = 0.5 * jnp.square(value - batch.target).mean()
+    entropy = dist.entropy().mean()
+    loss = policy_loss + cfg.value_coef * value_loss - cfg.entropy_coef * entropy
+    aux = {
+        "losses/policy_loss": policy_loss,
+        "losses/value_loss": value_loss,
+        "losses/entropy": entropy,
+        # The low-variance estimator of KL(old || new) (Schulman's "k3").
+        "losses/approx_kl": ((ratio - 1.0) - log_ratio).mean(),
+        "losses/clip_fraction": (jnp.abs(ratio - 1.0) > cfg.clip_eps).mean(),
+    }
+    return loss, aux
+
+
+def _learn(
+    ts: TrainState, net: ActorCritic, data: _Sample, rng: jax.Array
+) -> tuple[Any, Any, dict[str, jax.Array]]:
+    """``num_epochs`` passes of shuffled minibatch Adam steps over ``data`` ([B, ...])."""
+    cfg = ts.cfg
+    optimizer = _optimizer(cfg)
+    batch_size = data.advantage.shape[0]
+    grad_fn = jax.value_and_grad(ppo_loss, has_aux=True)
+
+    def minibatch_step(carry, minibatch: _Sample):
+        params, opt_state = carry
+        (_, aux), grads = grad_fn(params, net, minibatch, cfg)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        aux["losses/grad_norm"] = optax.global_norm(grads)
+        return (params, opt_state), aux
+
+    def epoch(carry, key: jax.Array):
+        perm = jax.random.permutation(key, batch_size)
+        minibatches = jax.tree.map(
+            lambda x: x[perm].reshape((cfg.num_minibatches, -1) + x.shape[1:]), data
+        )
+        return jax.lax.scan(minibatch_step, carry, minibatches)
+
+    (params, opt_state), aux = jax.lax.scan(
+        epoch, (ts.params, ts.opt_state), jax.random.split(rng, cfg.num_epochs)
+    )
+    return params, opt_state, jax.tree.map(jnp.mean, aux)
+
+
+def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One PPO iteration (collect, then learn). Pure; jit it (optionally donating ``ts``)."""
+    cfg = ts.cfg
+    net = _network(ts.env, cfg)
+    env_state, batch, rng = rollout(ts)
+    rng, learn_key = jax.random.split(rng)
+
+    # Values of the observations acted on and of the observations each step produced, in one
+    # batched call after the rollout (the rollout itself only needs the actor).
+    obs = _normalize(cfg, ts.obs_stats, batch.obs)
+    final_obs = _normalize(cfg, ts.obs_stats, batch.final_obs)
+    values, next_values = jnp.split(
+        net.apply(ts.params, jnp.concatenate([obs, final_obs]), method=ActorCritic.value), 2
+    )
+    advantages, targets = compute_gae(
+        batch.reward, values, next_values, batch.done, batch.truncation, cfg.gamma, cfg.gae_lambda
+    )
+    flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
+    data = _Sample(
+        obs=flat(obs),
+        action=flat(batch.action),
+        log_prob=flat(batch.log_prob),
+        advantage=flat(advantages),
+        target=flat(targets),
+    )
+    params, opt_state, loss_metrics = _learn(ts, net, data, learn_key)
+
+    obs_stats = ts.obs_stats.update(batch.obs) if cfg.normalize_observations else ts.obs_stats
+    new_ts = ts.replace(
+        params=params,
+        opt_state=opt_state,
+        obs_stats=obs_stats,
+        env_state=env_state,
+        rng=rng,
+        iteration=ts.iteration + 1,
+        env_steps=ts.env_steps + cfg.num_envs * cfg.unroll_length,
+    )
+
+    finished = batch.done.sum()
+    per_episode = lambda x: (x * batch.done).sum() / jnp.maximum(finished, 1.0)  # noqa: E731
+    target_var = jnp.var(targets)
+    explained = jnp.where(target_var > 0, 1.0 - jnp.var(targets - values) / target_var, 0.0)
+    lr = _lr_schedule(cfg)(ts.iteration * cfg.updates_per_iteration)
+    metrics = {
+        "charts/episode_return": per_episode(batch.episode_return),
+        "charts/episode_length": per_episode(batch.episode_length),
+        "charts/success_rate": per_episode(batch.episode_success),
+        "charts/episodes_finished": finished,
+        "charts/learning_rate": lr,
+        "losses/explained_variance": explained,
+        **loss_metrics,
+        "env_steps": new_ts.env_steps,
+    }
+    return new_ts, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
