@@ -1,0 +1,160 @@
+"""Where a run's metrics go: ``metrics.jsonl`` in the run dir, Weights & Biases, and the console.
+
+All three receive the same flat dict of floats against ``global_step`` (env steps of one seed).
+The console shows a ``rich`` progress bar on a terminal and one plain line per chunk otherwise
+(SLURM logs, CI, tests). wandb is imported only when its mode is not ``disabled``; ``offline`` (the
+default) writes under ``<run.dir>/wandb`` and needs no account (``wandb sync`` uploads later).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+__all__ = ["ConsoleProgress", "JsonlWriter", "RunLogger", "WandbLogger"]
+
+
+class JsonlWriter:
+    """Append-only ``metrics.jsonl``; one JSON object per line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def drop_after(self, iteration: int) -> int:
+        """On resume: remove rows logged after the checkpoint we restart from. Returns how many."""
+        if not self.path.exists():
+            return 0
+        rows = self.path.read_text().splitlines()
+        keep = [r for r in rows if r.strip() and json.loads(r).get("iteration", 0) <= iteration]
+        self.path.write_text("".join(r + "\n" for r in keep))
+        return len(rows) - len(keep)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(_finite(row)) + "\n")
+
+
+def _finite(row: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN/inf; write them as null so every line stays valid JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+class WandbLogger:
+    """A wandb run that survives resume: its id is kept in ``<run.dir>/wandb_id``."""
+
+    def __init__(self, mode: str, project: str, entity: str | None, group: str | None, tags: list[str], name: str, run_dir: Path, config: Mapping[str, Any]):
+        self.run = None
+        if mode == "disabled":
+            return
+        import wandb
+
+        id_file = run_dir / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            mode=mode,
+            project=project,
+            entity=entity,
+            group=group,
+            tags=list(tags),
+            name=name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=dict(config),
+        )
+        # Every metric is plotted against env steps, not wandb's internal step counter.
+        self.run.define_metric("global_step")
+        self.run.define_metric("*", step_metric="global_step")
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log(dict(row))
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+
+class ConsoleProgress:
+    """Env steps, steps/s, return, success rate and ETA, as a live bar or plain lines."""
+
+    def __init__(self, total_steps: int, start_steps: int, enabled: bool = True):
+        self.console = Console()
+        self.enabled = enabled
+        self.total = total_steps
+        self.live = enabled and self.console.is_terminal
+        self.progress: Progress | None = None
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed:,.0f}/{task.total:,.0f} steps"),
+                TextColumn("{task.fields[sps]:,.0f} steps/s"),
+                TextColumn("return {task.fields[ret]:.2f}"),
+                TextColumn("success {task.fields[success]:.0%}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_steps, sps=0.0, ret=0.0, success=0.0)
+            self.progress.start()
+
+    def print(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(message)
+        else:
+            self.console.print(message, highlight=False, soft_wrap=True)
+
+    def update(self, row: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        steps = row["global_step"]
+        sps = row.get("perf/steps_per_second", 0.0)
+        ret = row.get("charts/episode_return", 0.0)
+        success = row.get("charts/success_rate", 0.0)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=steps, sps=sps, ret=ret, success=success)
+            return
+        eta = (self.total - steps) / sps if sps > 0 else float("nan")
+        self.print(
+            f"step {steps:,}/{self.total:,}  {sps:,.0f} steps/s  return {ret:.2f}  "
+            f"success {success:.0%}  eta {eta:,.0f}s"
+        )
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+class RunLogger:
+    """The three sinks together; ``log`` sends one row to all of them."""
+
+    def __init__(self, jsonl: JsonlWriter, wandb_logger: WandbLogger, console: ConsoleProgress):
+        self.jsonl = jsonl
+        self.wandb = wandb_logger
+        self.console = console
+        self.started = time.time()
+
+    def log(self, row: Mapping[str, Any], progress: bool = True) -> None:
+        row = {"time": round(time.time() - self.started, 3), **row}
+        self.jsonl.write(row)
+        self.wandb.log(row)
+        if progress:
+            self.console.update(row)
+
+    def print(self, message: str) -> None:
+        self.console.print(message)
+
+    def close(self, exit_code: int = 0) -> None:
+        self.console.close()
+        self.wandb.finish(exit_code)

@@ -1,0 +1,269 @@
+"""Structured-config schemas of the two Hydra apps and the checks that run before any compile.
+
+Hydra composes ``conf/`` on top of these dataclasses (registered in its ``ConfigStore``), so an
+unknown key or a value of the wrong type is rejected while composing, naming the key. Ranges are
+checked by ``validate_train`` (``bounded`` fields here, and the env's and agent's own ``Config``
+classes for ``env.*`` and ``agent.*``), which turns the composed config into the objects the loop
+needs and raises ``ConfigError`` with a one-line message naming the key.
+
+``env`` and ``agent`` are open dictionaries in the schema: their fields belong to each env's and
+agent's config class (``lunarl.envs.config_class(name)``, ``lunarl.agents.get(name).CONFIG_CLASS``),
+which is the single place their names, types and ranges are declared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from lunarl.config import Config, bounded
+
+__all__ = [
+    "ConfigError",
+    "EvalAppSchema",
+    "Plan",
+    "TrainSchema",
+    "register_schemas",
+    "validate_train",
+]
+
+# Keys of the ``env`` node that the train app consumes itself; the rest go to the env's config.
+ENV_RUN_KEYS = ("name", "num_envs", "episode_length")
+# Agent fields the app derives from other keys (so that each number has one home).
+AGENT_DERIVED = {
+    "num_envs": "env.num_envs",
+    "episode_length": "env.episode_length",
+    "total_iterations": "run.total_env_steps",
+}
+
+
+class ConfigError(ValueError):
+    """A user error in the composed config; the apps print it as one line and exit non-zero."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schemas (non-frozen: Hydra must be able to apply overrides to them)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSchema:
+    # Where everything of a run lives (checkpoints, metrics.jsonl, .hydra/, wandb/). In a
+    # multirun, each job uses ``<run.dir>/<job number>``.
+    dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
+    total_env_steps: int = bounded(1_000_000, 1)  # per seed; rounded up to whole chunks
+    # Iterations per compiled chunk (one lax.scan); metrics are logged after every chunk.
+    log_every: int = bounded(10, 1)
+    # In iterations, multiples of log_every; eval_every=0 turns evaluation off.
+    eval_every: int = bounded(50, 0)
+    eval_episodes: int = bounded(32, 1)
+    checkpoint_every: int = bounded(50, 1)
+
+
+@dataclass
+class CheckpointSchema:
+    dir: str = "${run.dir}/checkpoints"
+    max_to_keep: int = bounded(3, 1)
+    # Keep a separate best-by-evaluation checkpoint (needs run.eval_every > 0).
+    keep_best: bool = True
+
+
+@dataclass
+class WandbSchema:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "lunarl"
+    entity: str | None = None
+    group: str | None = "${name}"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerSchema:
+    wandb: WandbSchema = field(default_factory=WandbSchema)
+    # rich progress bar when stdout is a terminal, one plain line per chunk otherwise.
+    console: bool = True
+
+
+@dataclass
+class TrainSchema:
+    name: str = "default"  # experiment name; wandb groups runs by it
+    seed: int = 0
+    num_seeds: int = bounded(1, 1)  # independent seeds trained as one vmapped program
+    env: dict[str, Any] = field(default_factory=dict)
+    agent: dict[str, Any] = field(default_factory=dict)
+    run: RunSchema = field(default_factory=RunSchema)
+    checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+
+
+@dataclass
+class EvalSchema:
+    episodes: int = bounded(100, 1)
+    video: bool = False
+    video_episodes: int = bounded(1, 1)
+    deterministic: bool = True
+    seed: int = 0
+
+
+@dataclass
+class EvalRunSchema:
+    dir: str = "???"
+
+
+@dataclass
+class EvalAppSchema:
+    run: EvalRunSchema = field(default_factory=EvalRunSchema)
+    checkpoint: str = "latest"  # latest | best | a step number
+    eval: EvalSchema = field(default_factory=EvalSchema)
+
+
+def register_schemas() -> None:
+    """Put the schemas in Hydra's ConfigStore (``conf/*.yaml`` list them first in defaults)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainSchema)
+    cs.store(name="evaluate_schema", node=EvalAppSchema)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: composed DictConfig -> checked plan
+# --------------------------------------------------------------------------------------------
+
+
+def check_bounds(obj: Any, prefix: str) -> None:
+    """Raise ``ConfigError`` for any ``bounded`` field of dataclass ``obj`` outside its range."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if dataclasses.is_dataclass(value):
+            check_bounds(value, key)
+            continue
+        low, high = f.metadata.get("range", (None, None))
+        if value is None or isinstance(value, (str, bool)):
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            lo = "-inf" if low is None else low
+            hi = "inf" if high is None else high
+            raise ConfigError(f"{key}={value!r} is out of range: allowed [{lo}, {hi}]")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvRunConfig(Config):
+    """The ``env`` keys the app consumes (the rest are the env's own config)."""
+
+    name: str = "rover"
+    num_envs: int = bounded(2048, 1, 1 << 20)
+    episode_length: int | None = bounded(None, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything the train loop needs, validated; built from the composed config."""
+
+    cfg: TrainSchema
+    env_name: str
+    env_overrides: dict[str, Any]
+    env_config: Any  # the env's EnvConfig
+    agent_name: str
+    agent_config: Any  # the agent's Config
+    steps_per_iteration: int
+    total_iterations: int
+
+    def env_and_agent(self) -> tuple[Any, Any]:
+        import lunarl.agents
+        import lunarl.envs
+
+        env = lunarl.envs.env_class(self.env_name)(self.env_config)
+        return env, lunarl.agents.get(self.agent_name)
+
+
+def _user_message(err: Exception, node: str) -> str:
+    """``PPOConfig.learning_rate=...`` -> ``agent.learning_rate=...`` (the key the user typed)."""
+    msg = str(err)
+    head, dot, rest = msg.partition(".")
+    if dot and head.endswith("Config") and " " not in head:
+        return f"{node}.{rest}"
+    return f"{node}: {msg}"
+
+
+def validate_train(cfg: DictConfig) -> Plan:
+    """Check the composed train config and build the env and agent configs from it.
+
+    Raises ``ConfigError`` naming the offending key; nothing is compiled here.
+    """
+    try:
+        schema: TrainSchema = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except Exception as e:  # interpolation or type errors surfaced while resolving
+        raise ConfigError(str(e).splitlines()[0]) from e
+    check_bounds(schema, "")
+    if schema.logger.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(
+            f"logger.wandb.mode={schema.logger.wandb.mode!r}: allowed offline, online, disabled"
+        )
+    run = schema.run
+    for key in ("eval_every", "checkpoint_every"):
+        every = getattr(run, key)
+        if every % run.log_every:
+            raise ConfigError(
+                f"run.{key}={every} must be a multiple of run.log_every={run.log_every} "
+                "(evaluation and checkpoints happen between compiled chunks)"
+            )
+
+    import lunarl.agents
+    import lunarl.envs
+
+    env_node = dict(schema.env)
+    env_run_keys = {k: env_node.pop(k) for k in ENV_RUN_KEYS if k in env_node}
+    if "name" not in env_run_keys:
+        raise ConfigError("env.name is missing: choose an env with env=rover|car_track|kuka")
+    try:
+        env_run = EnvRunConfig.build(**env_run_keys)
+    except ValueError as e:
+        raise ConfigError(_user_message(e, "env")) from e
+    try:
+        env_cls = lunarl.envs.env_class(env_run.name)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(f"env.name={env_run.name!r}: {e}") from e
+    try:
+        env_config = env_cls.config_cls.build(**env_node)
+    except ValueError as e:
+        raise ConfigError(_user_message(e, "env")) from e
+
+    agent_node = dict(schema.agent)
+    agent_name = agent_node.pop("name", None)
+    if agent_name is None:
+        raise ConfigError("agent.name is missing: choose an agent with agent=ppo")
+    try:
+        agent = lunarl.agents.get(agent_name)
+    except ValueError as e:
+        raise ConfigError(f"agent.name={agent_name!r}: {e}") from e
+    for key, home in AGENT_DERIVED.items():
+        if key in agent_node:
+            raise ConfigError(f"agent.{key} is derived by the train app; set {home} instead")
+    episode_length = env_run.episode_length or env_cls.default_episode_length
+    try:
+        probe = agent.CONFIG_CLASS.build(
+            **agent_node, num_envs=env_run.num_envs, episode_length=episode_length
+        )
+    except ValueError as e:
+        raise ConfigError(_user_message(e, "agent")) from e
+    # Env steps per iteration of one seed (run.total_env_steps counts per seed).
+    steps_per_iteration = probe.num_envs * probe.unroll_length
+    # Whole chunks only, so every chunk is the same compiled program (and resumes line up).
+    chunks = math.ceil(run.total_env_steps / (steps_per_iteration * run.log_every))
+    total_iterations = chunks * run.log_every
+    agent_config = probe.replace(total_iterations=total_iterations)
+    return Plan(
+        cfg=schema,
+        env_name=env_run.name,
+        env_overrides=env_node,
+        env_config=env_config,
+        agent_name=agent_name,
+        agent_config=agent_config,
+        steps_per_iteration=steps_per_iteration,
+        total_iterations=total_iterations,
+    )

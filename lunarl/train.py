@@ -1,0 +1,94 @@
+"""``python -m lunarl.train +experiment=NAME [key=value ...]``: train an agent, Hydra-composed.
+
+The config tree is ``conf/`` (``config.yaml`` and its groups); the resolved config, the metrics
+(``metrics.jsonl``), wandb files and Orbax checkpoints all land in ``run.dir``. Running again with
+the same ``run.dir`` resumes from its latest checkpoint. Sweeps: ``-m seed=0,1,2`` (every job gets
+``<run.dir>/<job number>``; wandb groups them by ``logger.wandb.group``, the experiment name).
+
+Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint (run again to
+resume); 1 a bad config, override or checkpoint (one-line message naming the key or path);
+3 training diverged (NaN/inf; the last good checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from lunarl.run.schema import ConfigError, register_schemas, validate_train
+
+__all__ = ["main"]
+
+EXIT_CONFIG_ERROR = 1
+EXIT_DIVERGED = 3
+
+register_schemas()
+
+
+def fail(message: str, code: int = EXIT_CONFIG_ERROR) -> None:
+    print(f"lunarl.train: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _quiet_libraries() -> None:
+    # Orbax and absl log every save at INFO; the console belongs to the progress output.
+    for name in ("absl", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
+    """Validate, then train; returns the process exit code."""
+    # Hydra already created run_dir (its output dir); make run.dir name it exactly, so that
+    # checkpoint.dir (``${run.dir}/checkpoints``) follows it, in multirun jobs too.
+    cfg.run.dir = str(run_dir)
+    try:
+        plan = validate_train(cfg)
+    except ConfigError as e:
+        fail(str(e))
+    config = OmegaConf.to_container(cfg, resolve=True)
+
+    import jax
+
+    from lunarl.run.checkpoint import CheckpointError
+    from lunarl.run.logger import ConsoleProgress, JsonlWriter, RunLogger, WandbLogger
+    from lunarl.run.loop import TrainingDiverged, train
+
+    wb = plan.cfg.logger.wandb
+    logger = RunLogger(
+        JsonlWriter(run_dir / "metrics.jsonl"),
+        WandbLogger(wb.mode, wb.project, wb.entity, wb.group, wb.tags, f"{plan.cfg.name}:{job_label}", run_dir, config),
+        ConsoleProgress(plan.total_iterations * plan.steps_per_iteration, 0, plan.cfg.logger.console),
+    )
+    logger.print(f"lunarl.train on {jax.default_backend()} ({jax.device_count()} device(s)), run dir {run_dir}")
+    code = 0
+    try:
+        train(plan, run_dir, config, logger)
+    except CheckpointError as e:
+        code = EXIT_CONFIG_ERROR
+        logger.close(code)
+        fail(str(e), code)
+    except TrainingDiverged as e:
+        code = EXIT_DIVERGED
+        logger.close(code)
+        fail(str(e), code)
+    logger.close(code)
+    return code
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    _quiet_libraries()
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    label = run_dir.name if hc.mode == RunMode.RUN else f"{run_dir.parent.name}/{run_dir.name}"
+    run(cfg, run_dir, label)
+
+
+if __name__ == "__main__":
+    main()
