@@ -38,8 +38,25 @@ def fail(message: str, code: int = EXIT_CONFIG_ERROR) -> None:
 
 def _quiet_libraries() -> None:
     # Orbax and absl log every save at INFO; the console belongs to the progress output.
-    for name in ("absl", "orbax", "jax._src.xla_bridge"):
+    for name in ("absl", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "Unable to initialize backend 'tpu'" on every CPU/GPU machine is noise.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+
+
+def _remove_if_empty_run(run_dir: Path) -> None:
+    """Hydra creates the run dir (``.hydra/``, ``train.log``) before we validate; after a config
+    error, delete what it wrote unless the dir holds anything else (a run being resumed)."""
+    hydra_files = {".hydra", "train.log"}
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - hydra_files:
+        return
+    for name in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log"):
+        (run_dir / name).unlink(missing_ok=True)
+    for d in (run_dir / ".hydra", run_dir):
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
@@ -50,6 +67,7 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
     try:
         plan = validate_train(cfg)
     except ConfigError as e:
+        _remove_if_empty_run(run_dir)
         fail(str(e))
     config = OmegaConf.to_container(cfg, resolve=True)
 

@@ -105,7 +105,6 @@ class TrainSchema:
 class EvalSchema:
     episodes: int = bounded(100, 1)
     video: bool = False
-    video_episodes: int = bounded(1, 1)
     deterministic: bool = True
     seed: int = 0
 
@@ -118,7 +117,8 @@ class EvalRunSchema:
 @dataclass
 class EvalAppSchema:
     run: EvalRunSchema = field(default_factory=EvalRunSchema)
-    checkpoint: str = "latest"  # latest | best | a step number
+    checkpoint: str = "latest"  # latest | best | an iteration number
+    checkpoint_dir: str = "${run.dir}/checkpoints"  # where the run's checkpoint.dir was
     eval: EvalSchema = field(default_factory=EvalSchema)
 
 
@@ -196,9 +196,11 @@ def validate_train(cfg: DictConfig) -> Plan:
     Raises ``ConfigError`` naming the offending key; nothing is compiled here.
     """
     try:
-        schema: TrainSchema = OmegaConf.to_object(cfg)  # type: ignore[assignment]
-    except Exception as e:  # interpolation or type errors surfaced while resolving
-        raise ConfigError(str(e).splitlines()[0]) from e
+        # Merging onto the schema also checks configs that did not come through Hydra (the one
+        # saved in a checkpoint, for evaluation).
+        schema: TrainSchema = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainSchema), cfg))  # type: ignore[assignment]
+    except Exception as e:  # unknown keys, wrong types, unresolvable interpolations
+        raise ConfigError(" ".join(str(e).split())) from e
     check_bounds(schema, "")
     if schema.logger.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(

@@ -1,0 +1,120 @@
+"""``python -m lunarl.evaluate run.dir=PATH [checkpoint=latest|best|ITERATION] eval.episodes=N``.
+
+Restores a checkpoint of a training run (env, agent and network shape come from the config saved
+with it), runs ``eval.episodes`` vmapped episodes with the deterministic policy of every seed, and
+prints and saves (``<run.dir>/eval-<which>-<iteration>.json``) the mean and std of the return, the
+success rate and the episode length. ``eval.video=true`` also writes a GIF of one episode.
+Exit codes: 0 done; 1 missing run dir or checkpoint, or a bad override (the message names it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lunarl.run.schema import ConfigError, EvalAppSchema, check_bounds, register_schemas, validate_train
+
+__all__ = ["evaluate_run", "main"]
+
+register_schemas()
+
+
+def fail(message: str) -> None:
+    print(f"lunarl.evaluate: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _video(env: Any, policy: Any, params: Any, key: Any, episode_length: int, path: Path) -> Path:
+    """Render one deterministic episode of ``params`` (one seed) to a GIF."""
+    import jax
+    import numpy as np
+
+    from lunarl.envs.render import write_video
+    from lunarl.run import evaluation
+
+    out = jax.jit(
+        lambda p, k: evaluation.evaluate(env, policy, p, k, 1, episode_length, True, return_states=True)
+    )(params, key)
+    states = jax.device_get(out["states"])
+    steps = int(np.asarray(out["episode_length"])[0])
+    frames = [env.render(jax.tree.map(lambda x, t=t: x[t], states)) for t in range(steps + 1)]
+    return write_video(frames, path)
+
+
+def evaluate_run(app: EvalAppSchema) -> dict[str, Any]:
+    """Evaluate a checkpoint of ``app.run.dir``; returns what is written to the JSON file."""
+    import jax
+
+    from lunarl.run.checkpoint import CheckpointError, Checkpoints
+    from lunarl.run.loop import abstract_state, eval_keys, eval_row, make_evaluator
+
+    run_dir = Path(app.run.dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"no run directory at {run_dir}")
+    ckpts = Checkpoints(app.checkpoint_dir, create=False)
+    try:
+        saved = ckpts.read(app.checkpoint, "config")
+        plan = validate_train(OmegaConf.create(saved))
+        env, agent = plan.env_and_agent()
+        target = abstract_state(agent, env, plan.agent_config, plan.cfg.num_seeds)
+        state, _, meta = ckpts.restore(app.checkpoint, target)
+    finally:
+        ckpts.close()
+    params = jax.vmap(agent.policy_params)(state)
+    evaluator = make_evaluator(agent, env, plan.agent_config, app.eval.episodes, app.eval.deterministic)
+    keys = eval_keys(app.eval.seed, meta["iteration"], plan.cfg.num_seeds)
+    row = eval_row(jax.device_get(evaluator(params, keys)))
+    result: dict[str, Any] = {
+        "checkpoint": app.checkpoint,
+        "iteration": meta["iteration"],
+        "global_step": meta["global_step"],
+        "env": plan.env_name,
+        "episodes_per_seed": app.eval.episodes,
+        "deterministic": app.eval.deterministic,
+        **row,
+    }
+    stem = f"eval-{app.checkpoint}-{meta['iteration']}"
+    if app.eval.video:
+        seed0 = jax.tree.map(lambda x: x[0], params)
+        policy = agent.make_policy(env, plan.agent_config)
+        path = _video(env, policy, seed0, keys[0], plan.agent_config.episode_length, run_dir / f"{stem}.gif")
+        result["video"] = str(path)
+    (run_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    for name in ("absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    from lunarl.run.checkpoint import CheckpointError
+
+    try:
+        app: EvalAppSchema = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        check_bounds(app, "")
+        result = evaluate_run(app)
+    except (ConfigError, CheckpointError) as e:
+        fail(str(e))
+    except Exception as e:  # omegaconf's MissingMandatoryValue for run.dir, and the like
+        if type(e).__module__.startswith("omegaconf"):
+            fail(" ".join(str(e).split()))
+        raise
+    print(
+        f"{result['env']} @ iteration {result['iteration']} ({result['global_step']:,} env steps), "
+        f"{result['episodes_per_seed']} episodes per seed: return {result['eval/episode_return']:.2f} "
+        f"± {result['eval/episode_return_std']:.2f}, success {result['eval/success_rate']:.1%}, "
+        f"length {result['eval/episode_length']:.1f}"
+    )
+    print(f"saved {Path(cfg.run.dir) / ('eval-' + str(result['checkpoint']) + '-' + str(result['iteration']) + '.json')}"
+          + (f" and {result['video']}" if "video" in result else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""The config tree and the train app's host-side pieces, in-process (no env or agent compiles).
+
+Composition uses Hydra's compose API on ``conf/``; validation builds the env and agent config
+classes, which is all that happens before the first compile in ``lunarl.train``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+import lunarl.envs
+from lunarl.run.checkpoint import CheckpointError, Checkpoints, config_differences
+from lunarl.run.loop import eval_row, reduce_chunk
+from lunarl.run.schema import ConfigError, register_schemas, validate_train
+from lunarl.run.signals import GracefulStop
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+EXPERIMENTS = sorted(p.stem for p in Path(CONF, "experiment").glob("*.yaml"))
+
+register_schemas()
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_experiments_present():
+    assert {"rover", "rover_smoke", "car_track", "kuka"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(name):
+    cfg = compose_train(f"+experiment={name}")
+    plan = validate_train(cfg)
+    assert plan.env_name == cfg.env.name
+    assert plan.agent_config.num_envs == cfg.env.num_envs
+    assert plan.total_iterations % cfg.run.log_every == 0
+    assert plan.total_iterations * plan.steps_per_iteration >= cfg.run.total_env_steps
+    assert cfg.logger.wandb.group == name  # sweeps of one experiment share a wandb group
+    assert cfg.checkpoint.dir == f"{cfg.run.dir}/checkpoints"
+
+
+def test_env_yaml_keys_are_env_fields():
+    # Every env group option's extra keys must be fields of that env's config class.
+    for path in Path(CONF, "env").glob("*.yaml"):
+        cfg = compose_train(f"env={path.stem}")
+        validate_train(cfg)  # raises naming the field otherwise
+        assert cfg.env.name in lunarl.envs.registered()
+
+
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("env.num_envs=-5", "env.num_envs"),
+        ("env.num_envs=abc", "env.num_envs"),
+        ("+env.no_such_field=1", "no_such_field"),
+        ("agent.learning_rate=5.0", "agent.learning_rate"),
+        ("agent.num_minibatches=7", "num_minibatches"),
+        ("agent.activation=swish", "activation"),
+        ("env.name=mars", "mars"),
+        ("+agent.num_envs=4", "env.num_envs"),
+        ("run.eval_every=7", "run.eval_every"),
+        ("run.total_env_steps=0", "run.total_env_steps"),
+        ("num_seeds=0", "num_seeds"),
+        ("logger.wandb.mode=sometimes", "logger.wandb.mode"),
+    ],
+)
+def test_bad_values_name_the_key(override, culprit):
+    cfg = compose_train("+experiment=rover_smoke", override)
+    with pytest.raises(ConfigError, match=culprit.replace(".", r"\.")):
+        validate_train(cfg)
+
+
+@pytest.mark.parametrize("override", ["run.foo=1", "env.no_such_field=1", "run.total_env_steps=abc", "+experiment=nope"])
+def test_unknown_keys_and_types_fail_while_composing(override):
+    with pytest.raises(Exception, match="foo|no_such_field|total_env_steps|nope"):
+        compose_train("+experiment=rover_smoke", override)
+
+
+def test_config_differences_name_the_keys():
+    saved = {"env": {"name": "rover", "num_envs": 16}, "agent": {"policy_hidden": [32, 32]}, "seed": 0, "num_seeds": 1, "run": {"dir": "a"}}
+    now = {"env": {"name": "car_track", "num_envs": 16}, "agent": {"policy_hidden": [64, 64]}, "seed": 0, "num_seeds": 1, "run": {"dir": "b"}}
+    diff = config_differences(saved, now)
+    assert len(diff) == 2 and diff[0].startswith("agent.policy_hidden") and diff[1].startswith("env.name")
+    assert config_differences(saved, {**saved, "run": {"dir": "elsewhere"}}) == []
+
+
+def test_checkpoints_refuse_a_different_config_and_keep_best(tmp_path):
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "rng": jax.random.PRNGKey(1)}
+    config = {"env": {"name": "rover"}, "agent": {"name": "ppo"}, "seed": 0, "num_seeds": 1}
+    ck = Checkpoints(str(tmp_path / "ck"), max_to_keep=2)
+    for it in (5, 10, 15):
+        ck.save(it, state, config, {"iteration": it, "global_step": it * 10})
+    assert ck.save_best(5, state, config, {"iteration": 5, "global_step": 50}, score=1.0)
+    ck.wait()
+    assert not ck.save_best(10, state, config, {"iteration": 10, "global_step": 100}, score=0.5)
+    ck.wait()
+    assert sorted(ck.latest.all_steps()) == [10, 15] and ck.step_of("best") == 5
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored, saved_config, meta = ck.restore("latest", target, config=config)
+    assert saved_config == config and meta["iteration"] == 15
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    with pytest.raises(CheckpointError, match=r"env\.name: 'rover' \(checkpoint\) vs 'kuka'"):
+        ck.restore("latest", target, config={**config, "env": {"name": "kuka"}})
+    with pytest.raises(CheckpointError, match="iteration 7"):
+        ck.restore(7, target)
+    ck.close()
+    with pytest.raises(CheckpointError, match=str(tmp_path / "missing")):
+        Checkpoints(str(tmp_path / "missing"), create=False)
+
+
+def test_reduce_chunk_weights_episode_stats_by_finished_count():
+    # Two iterations, two seeds: seed 0 finished 3 episodes then none; seed 1 one then one.
+    metrics = {
+        "charts/episode_return": np.array([[2.0, 4.0], [0.0, 8.0]]),
+        "charts/episodes_finished": np.array([[3.0, 1.0], [0.0, 1.0]]),
+        "losses/value_loss": np.array([[1.0, 2.0], [3.0, 4.0]]),
+        "env_steps": np.array([[10, 10], [20, 20]]),
+    }
+    row = reduce_chunk(metrics)
+    assert row["seed0/charts/episode_return"] == 2.0  # not diluted by the empty iteration
+    assert row["seed1/charts/episode_return"] == 6.0
+    assert row["charts/episode_return"] == 4.0
+    assert row["charts/episodes_finished"] == 2.5
+    assert row["losses/value_loss"] == 2.5 and "env_steps" not in row
+    ev = eval_row({"episode_return": np.array([[1.0, 3.0]]), "success": np.array([[1.0, 0.0]]), "episode_length": np.array([[5, 7]])})
+    assert ev == {"eval/episode_return": 2.0, "eval/episode_return_std": 1.0, "eval/success_rate": 0.5, "eval/episode_length": 6.0}
+
+
+def test_graceful_stop_flags_first_signal_and_arms_a_hard_second_sigint():
+    before = signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        assert stop.requested is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+        # The next Ctrl-C must kill the process at once, not wait for the current XLA call.
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) == before
