@@ -51,6 +51,7 @@ __all__ = [
     "KukaState",
     "mujoco_reference_steps_per_second",
     "reward_terms",
+    "sample_layout",
 ]
 
 ASSET_PATH = Path(__file__).parent / "assets" / "kuka_pick_place.xml"
@@ -69,7 +70,8 @@ class KukaConfig(EnvConfig):
     ctrl_dt: float = bounded(0.02, 0.005, 0.1, "seconds per control step")
     sim_dt: float = bounded(0.005, 0.001, 0.01, "physics timestep; must divide ctrl_dt")
     action_scale: float = bounded(0.04, 0.001, 0.2, "joint-target change per control step at |action| = 1")
-    randomize: bool = False
+    # True: cube and target drawn per reset from the ranges below; False: the seed's fixed layout.
+    randomize: bool = True
     # Fixed layout (randomize=False): cube centre (x, y) on the table, target (x, y, z).
     cube_xy: tuple[float, ...] = bounded((0.55, 0.0), -1.0, 1.0)
     target_xyz: tuple[float, ...] = bounded((0.45, 0.25, 0.2), -1.0, 1.0)
@@ -170,6 +172,19 @@ def reward_terms(
     return reward.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in terms.items()}
 
 
+def sample_layout(config: KukaConfig, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cube centre (x, y) and target position (x, y, z): the fixed layout, or uniform draws from
+    the config's ranges when ``config.randomize``."""
+    c = config
+    if not c.randomize:
+        return jnp.asarray(c.cube_xy, jnp.float32), jnp.asarray(c.target_xyz, jnp.float32)
+    ranges = jnp.asarray(
+        [c.cube_x_range, c.cube_y_range, c.target_x_range, c.target_y_range, c.target_z_range], jnp.float32
+    )
+    values = jax.random.uniform(rng, (5,), jnp.float32, ranges[:, 0], ranges[:, 1])
+    return values[:2], values[2:]
+
+
 def _touching(data: mjx.Data, geom_a: int, geom_b: int) -> jax.Array:
     """Whether geoms ``a`` and ``b`` are in contact (penetrating) in ``data``'s contact list."""
     contact = data._impl.contact
@@ -229,21 +244,9 @@ class Kuka(LunarEnv):
     # Reset / step
     # ----------------------------------------------------------------------------------------
 
-    def _layout(self, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Cube centre (x, y) and target position (x, y, z): fixed, or drawn from the ranges."""
-        c = self.config
-        if not c.randomize:
-            return jnp.asarray(c.cube_xy, jnp.float32), jnp.asarray(c.target_xyz, jnp.float32)
-        ranges = jnp.asarray(
-            [c.cube_x_range, c.cube_y_range, c.target_x_range, c.target_y_range, c.target_z_range], jnp.float32
-        )
-        u = jax.random.uniform(rng, (5,), jnp.float32)
-        values = ranges[:, 0] + u * (ranges[:, 1] - ranges[:, 0])
-        return values[:2], values[2:]
-
     def reset(self, rng: jax.Array) -> State:
         rng, layout_key = jax.random.split(rng)
-        cube_xy, target = self._layout(layout_key)
+        cube_xy, target = sample_layout(self.config, layout_key)
         q = self._cube_qpos
         qpos = self._home_qpos.at[q : q + 2].set(cube_xy).at[q + 2].set(self.cube_rest_z)
         data = self._data_template.replace(
@@ -251,7 +254,9 @@ class Kuka(LunarEnv):
             ctrl=self._home_ctrl,
             mocap_pos=self._data_template.mocap_pos.at[self._target_mocap].set(target),
         )
-        data = mjx.forward(self.mjx_model, data)
+        # Positions of bodies and sites are all the first observation needs; mjx.step runs the
+        # full forward pass itself (and kinematics compiles much faster than forward on CPU).
+        data = mjx.kinematics(self.mjx_model, data)
         prev_action = jnp.zeros(self.action_size, jnp.float32)
         obs = self._observation(data, prev_action)
         zero = jnp.zeros((), jnp.float32)

@@ -1,0 +1,315 @@
+"""The Kuka pick-and-place env on MuJoCo MJX.
+
+MJX compiles slowly on a CPU (tens of seconds per function), so every test shares one env and one
+pair of jitted single-env ``reset``/``step`` functions (module fixture), drives them from the host,
+and the only batched program is the 4-env training-wrapper check (slow): one compiled batch shape
+per process (batches of MJX on CPU have been reported to hang in ``block_until_ready``).
+"""
+
+import gymnasium
+import jax
+import jax.numpy as jnp
+import mujoco
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import lunarl
+from lunarl.envs import wrap_for_training
+from lunarl.envs.kuka import KukaConfig, mujoco_reference_steps_per_second, reward_terms, sample_layout
+
+
+@pytest.fixture(scope="module")
+def env():
+    return lunarl.envs.make("kuka")
+
+
+@pytest.fixture(scope="module")
+def fns(env):
+    return jax.jit(env.reset), jax.jit(env.step)
+
+
+def _leaves_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Config and reward function (no MJX compile)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"task": "stack"}, "task"),
+        ({"action_scale": 0.0}, "action_scale"),
+        ({"success_radius": 2.0}, "success_radius"),
+        ({"ctrl_dt": 0.02, "sim_dt": 0.003}, "ctrl_dt"),
+        ({"target_xyz": (0.5, 0.0)}, "target_xyz"),
+        ({"cube_x_range": (0.6, 0.4)}, "cube_x_range"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        KukaConfig.build(**overrides)
+
+
+def test_reward_terms_are_gated_on_grasp():
+    cfg = KukaConfig()
+    tcp, cube, target = jnp.array([0.5, 0.0, 0.1]), jnp.array([0.5, 0.0, 0.1]), jnp.array([0.5, 0.0, 0.12])
+    zeros = jnp.zeros(8)
+    args = dict(cube_rest_z=0.025, pads_on_table=jnp.array(False), action=zeros, prev_action=zeros)
+    _, loose = reward_terms(cfg, tcp, cube, target, grasped=jnp.array(False), **args)
+    reward, held = reward_terms(cfg, tcp, cube, target, grasped=jnp.array(True), **args)
+    assert loose["reach"] == pytest.approx(1.0) and held["reach"] == pytest.approx(1.0)
+    assert loose["lift"] == 0.0 and loose["carry"] == 0.0 and loose["grasp"] == 0.0
+    assert held["grasp"] == 1.0 and held["lift"] == pytest.approx(0.75) and held["carry"] > 0.9
+    assert held["success"] == 1.0 and float(reward) > cfg.success_bonus
+    # The reach task ignores the cube-to-target distance: success means the TCP is at the cube.
+    reach_cfg = KukaConfig(task="reach")
+    far_target = jnp.array([0.0, 0.5, 0.3])
+    r, terms = reward_terms(reach_cfg, tcp, cube, far_target, grasped=jnp.array(False), **args)
+    assert terms["success"] == 1.0 and float(r) == pytest.approx(reach_cfg.reach_weight + reach_cfg.success_bonus)
+    r, terms = reward_terms(reach_cfg, tcp + jnp.array([0.2, 0, 0]), cube, far_target, grasped=jnp.array(False), **args)
+    assert terms["success"] == 0.0 and 0.0 < float(r) < reach_cfg.reach_weight
+
+
+# ------------------------------------------------------------------------------------------------
+# The contract, single env
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_reset_step_shapes_dtypes_and_determinism(env, fns):
+    reset, step = fns
+    state = reset(jax.random.PRNGKey(0))
+    assert state.obs.shape == (env.observation_size,) == (47,) and state.obs.dtype == jnp.float32
+    assert state.info["rng"].shape == (2,) and state.info["rng"].dtype == jnp.uint32
+    actions = jax.random.uniform(jax.random.PRNGKey(1), (10, env.action_size), minval=-1.0, maxval=1.0)
+    runs = []
+    for _ in range(2):
+        s = reset(jax.random.PRNGKey(0))
+        for a in actions:
+            s = step(s, a)
+        runs.append(s)
+    a, b = runs
+    assert a.reward.shape == () and a.reward.dtype == jnp.float32
+    assert a.done.shape == () and a.done.dtype == jnp.float32
+    assert {"success", "reach", "grasp", "lift", "carry"} <= set(a.metrics)
+    for name, value in a.metrics.items():
+        assert jnp.shape(value) == () and value.dtype == jnp.float32, name
+    assert _leaves_equal(a, b), "same rng and actions must give bit-identical states"
+    # The env state is pipeline_state; info carries only the rng.
+    assert set(a.info) == {"rng"}
+    # The previous action is observed (last 8 values) and kept for the action-rate term.
+    np.testing.assert_array_equal(np.asarray(a.obs[-8:]), np.asarray(actions[-1]))
+
+
+@pytest.mark.timeout(300)
+def test_layout_fixed_or_randomised(env, fns):
+    reset, _ = fns
+    cube_body = env.mj_model.body("cube").id
+
+    def layout(state):
+        d = state.pipeline_state.data
+        return np.asarray(d.xpos[cube_body]), np.asarray(d.mocap_pos[0])
+
+    cfg = env.config
+    cubes, targets = zip(*(layout(reset(jax.random.PRNGKey(i))) for i in range(6)))
+    cubes, targets = np.stack(cubes), np.stack(targets)
+    assert len({tuple(c) for c in cubes}) == 6, "randomize=True must draw a new cube position per reset"
+    assert np.all((cubes[:, 0] >= cfg.cube_x_range[0]) & (cubes[:, 0] <= cfg.cube_x_range[1]))
+    assert np.all((targets[:, 2] >= cfg.target_z_range[0]) & (targets[:, 2] <= cfg.target_z_range[1]))
+    np.testing.assert_allclose(cubes[:, 2], env.cube_rest_z)
+    fixed = KukaConfig(randomize=False)
+    for key in jax.random.split(jax.random.PRNGKey(3), 3):
+        cube_xy, target = sample_layout(fixed, key)
+        np.testing.assert_allclose(cube_xy, fixed.cube_xy, atol=1e-6)
+        np.testing.assert_allclose(target, fixed.target_xyz, atol=1e-6)
+
+
+@pytest.mark.timeout(300)
+def test_cube_at_rest_stays_put(env, fns):
+    reset, step = fns
+    state = reset(jax.random.PRNGKey(0))
+    start = env.mj_data(state)
+    cube = env.mj_model.body("cube").id
+    action = jnp.zeros(env.action_size)
+    for _ in range(500):
+        state = step(state, action)
+    end = env.mj_data(state)
+    assert float(state.done) == 0.0
+    np.testing.assert_allclose(end.xpos[cube], start.xpos[cube], atol=1e-3)
+    np.testing.assert_allclose(end.xquat[cube], start.xquat[cube], atol=1e-3)
+    assert np.abs(end.qvel).max() < 1e-2
+    # With gravity compensation the arm holds its pose on its position targets.
+    np.testing.assert_allclose(end.qpos[:7], end.ctrl[:7], atol=1e-2)
+
+
+@pytest.mark.timeout(300)
+def test_no_nan_under_random_and_extreme_actions(env, fns):
+    reset, step = fns
+    rng = np.random.default_rng(0)
+    state = reset(jax.random.PRNGKey(5))
+    for t in range(300):
+        action = rng.uniform(-1, 1, env.action_size) if t % 100 < 70 else np.sign(rng.uniform(-1, 1, env.action_size))
+        state = step(state, jnp.asarray(action, jnp.float32))
+        assert np.isfinite(np.asarray(state.obs)).all() and np.isfinite(float(state.reward)), t
+        if float(state.done):
+            state = reset(jax.random.PRNGKey(100 + t))
+    assert np.isfinite(np.asarray(state.pipeline_state.data.qpos)).all()
+
+
+@pytest.mark.timeout(300)
+def test_diverged_simulation_terminates_with_clean_outputs(env, fns):
+    reset, step = fns
+    state = reset(jax.random.PRNGKey(0))
+    data = state.pipeline_state.data
+    broken = state.replace(pipeline_state=state.pipeline_state.replace(data=data.replace(qvel=data.qvel.at[3].set(jnp.nan))))
+    out = step(broken, jnp.zeros(env.action_size))
+    assert float(out.done) == 1.0
+    assert np.isfinite(np.asarray(out.obs)).all() and np.isfinite(float(out.reward))
+    assert all(np.isfinite(float(v)) for v in out.metrics.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Physics: a scripted pick-and-place, and MJX against C MuJoCo
+# ------------------------------------------------------------------------------------------------
+
+_TCP_DOWN = np.array([[-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, -1.0]])  # z down, fingers along y
+
+
+def _ik_action(env, d, goal, gripper, gain=3.0, max_dq=0.1):
+    """Damped-least-squares IK on the true state: the action that moves the TCP toward ``goal``
+    with the gripper pointing down (-1 closes the gripper, +1 opens it)."""
+    m, tcp = env.mj_model, env.mj_model.site("tcp").id
+    jac_pos, jac_rot = np.zeros((3, m.nv)), np.zeros((3, m.nv))
+    mujoco.mj_jacSite(m, d, jac_pos, jac_rot, tcp)
+    rot = d.site_xmat[tcp].reshape(3, 3)
+    pos_err = goal - d.site_xpos[tcp]
+    rot_err = 0.5 * sum(np.cross(rot[:, i], _TCP_DOWN[:, i]) for i in range(3))
+    jac = np.vstack([jac_pos[:, :7], jac_rot[:, :7]])
+    err = np.concatenate([pos_err, rot_err])
+    dq = jac.T @ np.linalg.solve(jac @ jac.T + 1e-3 * np.eye(6), gain * err)
+    arm = (d.qpos[:7] + np.clip(dq, -max_dq, max_dq) - d.ctrl[:7]) / env.config.action_scale
+    return np.append(np.clip(arm, -1.0, 1.0), gripper).astype(np.float32), float(np.linalg.norm(pos_err))
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("seed", [0, 2])
+def test_scripted_pick_and_place_succeeds_and_terms_fire_in_order(env, fns, seed):
+    reset, step = fns
+    state = reset(jax.random.PRNGKey(seed))
+    cube_body, tcp = env.mj_model.body("cube").id, env.mj_model.site("tcp").id
+    phase, hold, closed_at = "above", None, 0
+    first: dict[str, int] = {}
+    thresholds = {"reach": 0.9, "grasp": 0.5, "lift": 0.5, "carry": 0.5, "success": 0.5}
+    for t in range(env.default_episode_length):
+        d = env.mj_data(state)
+        cube, target = d.xpos[cube_body].copy(), d.mocap_pos[0].copy()
+        if phase == "above":
+            goal, gripper = cube + [0.0, 0.0, 0.1], 1.0
+        elif phase == "descend":
+            goal, gripper = cube, 1.0
+        elif phase == "close":
+            goal, gripper = hold, -1.0
+        elif phase == "lift":
+            goal, gripper = hold + [0.0, 0.0, 0.1], -1.0
+        else:  # carry, keeping the cube's offset in the grip
+            goal, gripper = target + d.site_xpos[tcp] - cube, -1.0
+        action, err = _ik_action(env, d, goal, gripper)
+        state = step(state, jnp.asarray(action))
+        for name, threshold in thresholds.items():
+            if float(state.metrics[name]) > threshold:
+                first.setdefault(name, t)
+        assert float(state.metrics["table_contact"]) == 0.0 or phase in ("descend", "close")
+        if phase == "above" and err < 0.015:
+            phase = "descend"
+        elif phase == "descend" and err < 0.006:
+            phase, hold, closed_at = "close", d.site_xpos[tcp].copy(), t
+        elif phase == "close" and t - closed_at > 8:
+            phase = "lift"
+        elif phase == "lift" and err < 0.02:
+            phase = "carry"
+        if float(state.done):
+            break
+    assert float(state.metrics["success"]) == 1.0 and float(state.done) == 1.0, (phase, first)
+    assert float(state.metrics["cube_to_target"]) < env.config.success_radius
+    order = [first.get(name, -1) for name in thresholds]
+    assert -1 not in order and order == sorted(order) and len(set(order[1:])) == 4, first
+    assert float(state.reward) > env.config.success_bonus
+
+
+@pytest.mark.timeout(300)
+def test_mjx_matches_c_mujoco_on_a_short_trajectory(env, fns):
+    """Same model, same controls: MJX (float32) and C MuJoCo (float64) stay close for 25 control
+    steps (100 physics steps) of random joint-target deltas with the cube resting on the table."""
+    reset, step = fns
+    state = reset(jax.random.PRNGKey(0))
+    m, d = env.mj_model, env.mj_data(state)
+    rng = np.random.default_rng(1)
+    for _ in range(25):
+        action = rng.uniform(-1, 1, env.action_size).astype(np.float32)
+        state = step(state, jnp.asarray(action))
+        d.ctrl[:] = np.asarray(state.pipeline_state.data.ctrl)  # the env's clipped targets, applied to both
+        for _ in range(env.n_substeps):
+            mujoco.mj_step(m, d)
+    mjx_qpos = np.asarray(state.pipeline_state.data.qpos)
+    np.testing.assert_allclose(mjx_qpos[:9], d.qpos[:9], atol=2e-3)  # arm and fingers
+    np.testing.assert_allclose(mjx_qpos[9:12], d.qpos[9:12], atol=1e-3)  # cube position
+    tcp = env.mj_model.site("tcp").id
+    np.testing.assert_allclose(env.mj_data(state).site_xpos[tcp], d.site_xpos[tcp], atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Batched, Gymnasium, rendering, reference timing
+# ------------------------------------------------------------------------------------------------
+
+
+# The two tests below compile a second and third MJX program (about a minute each on a loaded
+# 2-core CPU); the contract and Gymnasium suites (test_env_contract.py, test_gym.py) cover the same
+# ground for kuka in the default run, so here they are slow-only.
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_training_wrapper_batches_and_auto_resets(env):
+    num_envs = 4
+    wrapped = wrap_for_training(env, episode_length=3)
+    reset, step = jax.jit(wrapped.reset), jax.jit(wrapped.step)
+    state = reset(jax.random.split(jax.random.PRNGKey(0), num_envs))
+    assert state.obs.shape == (num_envs, env.observation_size)
+    actions = jnp.zeros((num_envs, env.action_size))
+    for _ in range(3):
+        state = step(state, actions)
+    assert np.all(np.asarray(state.done) == 1.0) and np.all(np.asarray(state.info["truncation"]) == 1.0)
+    # Auto-reset drew fresh layouts: cubes are back at rest height and differ between envs.
+    cube_body = env.mj_model.body("cube").id
+    cubes = np.asarray(state.pipeline_state.data.xpos[:, cube_body])
+    assert len({tuple(np.round(c, 6)) for c in cubes}) == num_envs
+    assert np.isfinite(np.asarray(state.info["final_obs"])).all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_gymnasium_checker():
+    gym_env = gymnasium.make("lunarl/Kuka-v0").unwrapped
+    check_env(gym_env, skip_render_check=True)
+
+
+@pytest.mark.timeout(120)
+def test_render_frame(env, fns):
+    reset, _ = fns
+    state = reset(jax.random.PRNGKey(0))
+    try:
+        frame = env.render(state)
+    except RuntimeError as e:
+        if "OpenGL" in str(e):
+            pytest.skip(f"no offscreen OpenGL platform (EGL/OSMesa system library) on this machine: {e}")
+        raise
+    cfg = env.config
+    assert frame.shape == (cfg.render_height, cfg.render_width, 3) and frame.dtype == np.uint8
+    assert frame.std() > 10, "frame should show the scene, not a blank image"
+
+
+def test_mujoco_reference_steps_per_second(env):
+    sps = mujoco_reference_steps_per_second(env, 50)
+    assert np.isfinite(sps) and sps > 0
