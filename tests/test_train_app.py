@@ -1,0 +1,205 @@
+"""End-to-end tests of ``python -m lunarl.train`` and ``python -m lunarl.evaluate`` (subprocesses).
+
+Real PPO on the real rover env, with the smoke experiment cut to 20 iterations. One finished run
+is shared by the tests (module fixture); every process shares a persistent JAX compilation
+cache, so only the first run pays the full compile. wandb is disabled (offline in the multirun),
+so nothing touches the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from lunarl.run.checkpoint import Checkpoints
+from lunarl.run.loop import abstract_state
+from lunarl.run.schema import validate_train
+
+pytestmark = pytest.mark.timeout(900)
+
+# 20 iterations of 16 envs x 16 steps, in chunks of 5: checkpoints at 5, 10, 15, 20; eval at 10, 20.
+SMOKE = [
+    "+experiment=rover_smoke",
+    "logger.wandb.mode=disabled",
+    "run.total_env_steps=5120",
+    "run.log_every=5",
+    "run.checkpoint_every=5",
+    "run.eval_every=10",
+]
+
+
+@pytest.fixture(scope="session")
+def app_env(tmp_path_factory) -> dict[str, str]:
+    cache = os.environ.get("LUNARL_TEST_JAX_CACHE") or str(tmp_path_factory.mktemp("jax_cache"))
+    return {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "WANDB_SILENT": "true",
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+
+
+def run_app(app_env, module: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=app_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def restore_final(ckpt_dir: Path, which: str = "latest"):
+    """The TrainState of a checkpoint, restored into the structure ``init`` produces."""
+    ck = Checkpoints(str(ckpt_dir), create=False)
+    try:
+        plan = validate_train(OmegaConf.create(ck.read(which, "config")))
+        env, agent = plan.env_and_agent()
+        target = abstract_state(agent, env, plan.agent_config, plan.cfg.num_seeds)
+        return ck.step_of(which), ck.restore(which, target)[0]
+    finally:
+        ck.close()
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time" and not k.startswith("perf/")} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, app_env) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "smoke"
+    proc = run_app(app_env, "lunarl.train", *SMOKE, f"run.dir={run_dir}", cwd=run_dir.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished 20 iterations" in proc.stdout
+    return run_dir
+
+
+def test_train_writes_checkpoints_metrics_and_resolved_config(finished_run):
+    ck = finished_run / "checkpoints"
+    assert sorted(int(p.name) for p in (ck / "latest").iterdir() if p.name.isdigit()) == [5, 10, 15, 20]
+    assert [p.name for p in (ck / "best").iterdir() if p.name.isdigit()] in (["10"], ["20"])
+    assert (finished_run / ".hydra" / "config.yaml").exists()
+    rows = metric_rows(finished_run)
+    train_rows = [r for r in rows if "charts/episode_return" in r]
+    eval_rows = [r for r in rows if "eval/episode_return" in r]
+    assert [r["iteration"] for r in train_rows] == [5, 10, 15, 20]
+    assert [r["global_step"] for r in train_rows] == [1280, 2560, 3840, 5120]
+    assert [r["iteration"] for r in eval_rows] == [10, 20]
+    for key in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl", "charts/success_rate"):
+        assert all(np.isfinite(r[key]) for r in train_rows), key
+    step, state = restore_final(ck)
+    assert step == 20 and int(state.iteration[0]) == 20
+
+
+def test_resume_ends_bitwise_equal_to_uninterrupted(finished_run, tmp_path, app_env):
+    # Make a copy of the finished run look like one stopped at iteration 10, then rerun it.
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(finished_run, run_dir)
+    for path in [run_dir / "checkpoints/latest/15", run_dir / "checkpoints/latest/20", run_dir / "checkpoints/best"]:
+        shutil.rmtree(path)
+    proc = run_app(app_env, "lunarl.train", *SMOKE, f"run.dir={run_dir}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from checkpoint at iteration 10" in proc.stdout
+    _, resumed = restore_final(run_dir / "checkpoints")
+    _, uninterrupted = restore_final(finished_run / "checkpoints")
+    a, b = jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+    assert metric_rows(run_dir) == metric_rows(finished_run)  # rows after iteration 10 replaced, not duplicated
+
+
+def test_sigterm_mid_run_leaves_a_loadable_checkpoint(tmp_path, app_env):
+    run_dir = tmp_path / "preempted"
+    args = [*SMOKE, "run.total_env_steps=100000000", "run.checkpoint_every=100000", "run.eval_every=0", f"run.dir={run_dir}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lunarl.train", *args], cwd=tmp_path, env=app_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 600
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "no chunk finished in time"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "stopped by SIGTERM" in out
+    step, state = restore_final(run_dir / "checkpoints")
+    assert 5 <= step < 390625 and step % 5 == 0
+    assert int(state.iteration[0]) == step
+
+
+@pytest.mark.parametrize(
+    "override, culprit",
+    [
+        ("+experiment=no_such_experiment", "no_such_experiment"),
+        ("env.num_envs=-5", "env.num_envs"),
+        ("env.num_envs=abc", "env.num_envs"),
+        ("run.no_such_key=1", "no_such_key"),
+    ],
+)
+def test_bad_overrides_exit_nonzero_naming_the_culprit(override, culprit, tmp_path, app_env):
+    run_dir = tmp_path / "bad"
+    proc = run_app(app_env, "lunarl.train", *SMOKE, override, f"run.dir={run_dir}", cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    assert culprit in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()  # nothing left behind for a run that never started
+
+
+def test_evaluate_a_finished_run(finished_run, app_env, tmp_path):
+    proc = run_app(
+        app_env, "lunarl.evaluate", f"run.dir={finished_run}", "checkpoint=best", "eval.episodes=8", "eval.video=true", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "return" in proc.stdout and "success" in proc.stdout
+    [saved] = list(finished_run.glob("eval-best-*.json"))
+    result = json.loads(saved.read_text())
+    assert result["episodes_per_seed"] == 8 and result["env"] == "rover"
+    assert 0.0 <= result["eval/success_rate"] <= 1.0
+    assert 1.0 <= result["eval/episode_length"] <= 200.0
+    assert np.isfinite(result["eval/episode_return"]) and result["eval/episode_return_std"] >= 0
+    assert Path(result["video"]).stat().st_size > 0
+
+
+@pytest.mark.parametrize("target", ["missing_dir", "missing_checkpoint"])
+def test_evaluate_missing_path_names_it(target, finished_run, app_env, tmp_path):
+    if target == "missing_dir":
+        args, culprit = [f"run.dir={tmp_path / 'nowhere'}"], str(tmp_path / "nowhere")
+    else:
+        args, culprit = [f"run.dir={finished_run}", "checkpoint=7"], "iteration 7"
+    proc = run_app(app_env, "lunarl.evaluate", *args, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    assert culprit in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_multirun_gives_each_job_its_own_run_dir(tmp_path, app_env):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *SMOKE, "seed=0,1", f"run.dir={sweep}", "run.total_env_steps=1280", "run.eval_every=0", "logger.wandb.mode=offline"]
+    proc = run_app(app_env, "lunarl.train", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    configs = []
+    for job in ("0", "1"):
+        job_dir = sweep / job
+        assert (job_dir / "metrics.jsonl").exists()
+        assert list((job_dir / "wandb").glob("offline-run-*")), "wandb offline run missing"
+        ck = Checkpoints(str(job_dir / "checkpoints"), create=False)
+        configs.append(ck.read("latest", "config"))
+        ck.close()
+    assert [c["seed"] for c in configs] == [0, 1]
+    assert [c["run"]["dir"] for c in configs] == [str(sweep / "0"), str(sweep / "1")]
+    assert configs[0]["logger"]["wandb"]["group"] == configs[1]["logger"]["wandb"]["group"] == "rover_smoke"
