@@ -332,7 +332,7 @@ def _learn(
         (_, aux), grads = grad_fn(params, net, minibatch, cfg)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        aux["losses/grad_norm"] = optax.global_norm(grads)
+        aux["losses/grad_norm"] = optax.tree.norm(grads)
         return (params, opt_state), aux
 
     def epoch(carry, key: jax.Array):
