@@ -1,7 +1,8 @@
-"""The config tree and the train app's host-side pieces, in-process (no env or agent compiles).
+"""The config tree and the train app's host-side pieces, in-process.
 
 Composition uses Hydra's compose API on ``conf/``; validation builds the env and agent config
-classes, which is all that happens before the first compile in ``lunarl.train``.
+classes, which is all that happens before the first compile in ``lunarl.train``. Only the last
+test compiles (PPO on the tiny toy env) to check the NaN stop.
 """
 
 from __future__ import annotations
@@ -145,3 +146,44 @@ def test_graceful_stop_flags_first_signal_and_arms_a_hard_second_sigint():
         # The next Ctrl-C must kill the process at once, not wait for the current XLA call.
         assert signal.getsignal(signal.SIGINT) == signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """In-process: PPO on the toy env, with parameters poisoned after iteration 10."""
+    import sys
+    import types
+
+    import lunarl.agents
+    import lunarl.agents.ppo as ppo
+    from lunarl.run.logger import ConsoleProgress, JsonlWriter, RunLogger, WandbLogger
+    from lunarl.run.loop import TrainingDiverged, train
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    monkeypatch.setitem(lunarl.envs._REGISTRY, "point_goal", "ppo_toy_env:PointGoal")
+
+    def train_step(ts):
+        ts, metrics = ppo.train_step(ts)
+        poison = jnp.where(ts.iteration > 10, jnp.nan, 0.0)
+        return ts.replace(params=jax.tree.map(lambda p: p + poison, ts.params)), metrics
+
+    agent = types.ModuleType("nan_ppo")
+    agent.__dict__.update(CONFIG_CLASS=ppo.CONFIG_CLASS, init=ppo.init, policy_params=ppo.policy_params, make_policy=ppo.make_policy, train_step=train_step)
+    monkeypatch.setitem(sys.modules, "nan_ppo", agent)
+    monkeypatch.setitem(lunarl.agents._AGENTS, "nan_ppo", "nan_ppo")
+
+    cfg = compose_train(
+        "+experiment=rover_smoke", "env.name=point_goal", "env.num_envs=4", "agent.name=nan_ppo",
+        "agent.unroll_length=4", "agent.num_minibatches=2", "agent.num_epochs=1", "agent.policy_hidden=[8]",
+        "agent.value_hidden=[8]", "run.total_env_steps=320", "run.log_every=5", "run.checkpoint_every=5",
+        "run.eval_every=0", f"run.dir={tmp_path}",
+    )
+    plan = validate_train(cfg)
+    assert plan.total_iterations == 20
+    logger = RunLogger(JsonlWriter(tmp_path / "metrics.jsonl"), WandbLogger("disabled", "", None, None, [], "", tmp_path, {}), ConsoleProgress(1, 0, enabled=False))
+    from omegaconf import OmegaConf
+
+    with pytest.raises(TrainingDiverged, match=r"NaN/inf.*iterations 10-15.*Last good checkpoint: iteration 10"):
+        train(plan, tmp_path, OmegaConf.to_container(cfg, resolve=True), logger)
+    ck = Checkpoints(str(tmp_path / "checkpoints"), create=False)
+    assert sorted(ck.latest.all_steps()) == [5, 10]
+    ck.close()
