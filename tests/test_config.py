@@ -7,6 +7,7 @@ test compiles (PPO on the tiny toy env) to check the NaN stop.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -133,6 +134,12 @@ def test_reduce_chunk_weights_episode_stats_by_finished_count():
     assert row["charts/episode_return"] == 4.0
     assert row["charts/episodes_finished"] == 2.5
     assert row["losses/value_loss"] == 2.5 and "env_steps" not in row
+    # A seed with no finished episode has no return (not 0), and the mean skips it.
+    metrics["charts/episodes_finished"] = np.array([[0.0, 1.0], [0.0, 1.0]])
+    row = reduce_chunk(metrics)
+    assert "seed0/charts/episode_return" not in row and row["charts/episode_return"] == 6.0
+    metrics["charts/episodes_finished"] = np.zeros((2, 2))
+    assert "charts/episode_return" not in reduce_chunk(metrics)
     ev = eval_row({"episode_return": np.array([[1.0, 3.0]]), "success": np.array([[1.0, 0.0]]), "episode_length": np.array([[5, 7]])})
     assert ev == {"eval/episode_return": 2.0, "eval/episode_return_std": 1.0, "eval/success_rate": 0.5, "eval/episode_length": 6.0}
 
@@ -175,7 +182,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
         "+experiment=rover_smoke", "env.name=point_goal", "env.num_envs=4", "agent.name=nan_ppo",
         "agent.unroll_length=4", "agent.num_minibatches=2", "agent.num_epochs=1", "agent.policy_hidden=[8]",
         "agent.value_hidden=[8]", "run.total_env_steps=320", "run.log_every=5", "run.checkpoint_every=5",
-        "run.eval_every=0", f"run.dir={tmp_path}",
+        "run.eval_every=0", "num_seeds=2", f"run.dir={tmp_path}",
     )
     plan = validate_train(cfg)
     assert plan.total_iterations == 20
@@ -187,3 +194,7 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     ck = Checkpoints(str(tmp_path / "checkpoints"), create=False)
     assert sorted(ck.latest.all_steps()) == [5, 10]
     ck.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [5, 10]  # the diverged chunk is not logged
+    for key in ("losses/value_loss", "charts/episode_return"):  # both seeds, and their mean
+        assert all(r[key] == pytest.approx((r[f"seed0/{key}"] + r[f"seed1/{key}"]) / 2) for r in rows)

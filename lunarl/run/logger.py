@@ -94,6 +94,8 @@ class ConsoleProgress:
         self.enabled = enabled
         self.total = total_steps
         self.live = enabled and self.console.is_terminal
+        self.last_return = float("nan")
+        self.last_success = float("nan")
         self.progress: Progress | None = None
         if self.live:
             self.progress = Progress(
@@ -106,8 +108,14 @@ class ConsoleProgress:
                 TimeRemainingColumn(),
                 console=self.console,
             )
-            self.task = self.progress.add_task("train", total=total_steps, completed=start_steps, sps=0.0, ret=0.0, success=0.0)
+            # "compiling" until the first chunk returns (the first compile takes a while on CPU).
+            self.task = self.progress.add_task("compiling", total=total_steps, completed=start_steps, sps=0.0, ret=math.nan, success=math.nan)
             self.progress.start()
+
+    def start_at(self, steps: int) -> None:
+        """Where a resumed run starts (so the bar and its ETA do not count restored steps)."""
+        if self.progress is not None:
+            self.progress.reset(self.task, total=self.total, completed=steps, sps=0.0, ret=math.nan, success=math.nan)
 
     def print(self, message: str) -> None:
         if self.progress is not None:
@@ -120,10 +128,11 @@ class ConsoleProgress:
             return
         steps = row["global_step"]
         sps = row.get("perf/steps_per_second", 0.0)
-        ret = row.get("charts/episode_return", 0.0)
-        success = row.get("charts/success_rate", 0.0)
+        # Chunks in which no episode finished carry no episode statistics: keep the last ones.
+        ret = self.last_return = row.get("charts/episode_return", self.last_return)
+        success = self.last_success = row.get("charts/success_rate", self.last_success)
         if self.progress is not None:
-            self.progress.update(self.task, completed=steps, sps=sps, ret=ret, success=success)
+            self.progress.update(self.task, description="train", completed=steps, sps=sps, ret=ret, success=success)
             return
         eta = (self.total - steps) / sps if sps > 0 else float("nan")
         self.print(

@@ -39,7 +39,8 @@ __all__ = [
 ]
 
 # Episode statistics are averages over the episodes that finished in an iteration; over a chunk
-# they are weighted by that count, so an iteration where nothing finished does not count as 0.
+# they are weighted by that count, so an iteration where nothing finished does not count as 0
+# (and a chunk where nothing finished logs no episode statistics at all).
 _EPISODE_KEYS = ("charts/episode_return", "charts/episode_length", "charts/success_rate")
 _EPISODE_COUNT = "charts/episodes_finished"
 _EVAL_SALT = 0x5EED  # evaluation keys never collide with the training keys split from ``seed``
@@ -110,13 +111,20 @@ def eval_keys(seed: int, iteration: int, num_seeds: int) -> jax.Array:
 
 
 def _per_seed_row(per_seed: Mapping[str, np.ndarray], prefix: str = "") -> dict[str, float]:
-    """Mean over seeds under the plain key; with several seeds also ``seed{i}/key``."""
+    """Mean over seeds under the plain key; with several seeds also ``seed{i}/key``.
+
+    NaN marks "no data" (no episode finished in the chunk): such values are left out of the row
+    and of the mean, rather than logged as a misleading 0.
+    """
     row: dict[str, float] = {}
     for key, values in per_seed.items():
-        row[prefix + key] = float(np.mean(values))
+        known = values[~np.isnan(values)]
+        if known.size:
+            row[prefix + key] = float(np.mean(known))
         if values.shape[0] > 1:
             for i, v in enumerate(values):
-                row[f"seed{i}/{prefix}{key}"] = float(v)
+                if not np.isnan(v):
+                    row[f"seed{i}/{prefix}{key}"] = float(v)
     return row
 
 
@@ -131,7 +139,7 @@ def reduce_chunk(metrics: Mapping[str, np.ndarray]) -> dict[str, float]:
         if key in _EPISODE_KEYS and count is not None:
             n = np.asarray(count, dtype=np.float64)
             total = n.sum(axis=0)
-            per_seed[key] = np.where(total > 0, (values * n).sum(axis=0) / np.maximum(total, 1), 0.0)
+            per_seed[key] = np.where(total > 0, (values * n).sum(axis=0) / np.maximum(total, 1), np.nan)
         elif key == _EPISODE_COUNT:
             per_seed[key] = values.sum(axis=0)
         else:
@@ -184,6 +192,7 @@ def train(plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogge
             start = 0
             ts = init_state(agent, env, agent_cfg, seed_keys(cfg.seed, num_seeds))
         iteration = start
+        logger.console.start_at(start * plan.steps_per_iteration)
         if iteration >= total:
             logger.print(f"run already finished: iteration {iteration} of {total}")
             return TrainResult("already-finished", iteration, iteration * plan.steps_per_iteration, ts)
