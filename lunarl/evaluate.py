@@ -47,6 +47,14 @@ def _video(env: Any, policy: Any, params: Any, key: Any, episode_length: int, pa
     return write_video(frames, path)
 
 
+def _checkpoint_dir(run_dir: Path) -> str:
+    """Where the run wrote its checkpoints (``checkpoint.dir`` may have been ``s3://...``)."""
+    resolved = run_dir / "config.yaml"
+    if resolved.exists():
+        return str(OmegaConf.load(resolved).checkpoint.dir)
+    return str(run_dir / "checkpoints")
+
+
 def evaluate_run(app: EvalAppSchema) -> dict[str, Any]:
     """Evaluate a checkpoint of ``app.run.dir``; returns what is written to the JSON file."""
     import jax
@@ -57,7 +65,7 @@ def evaluate_run(app: EvalAppSchema) -> dict[str, Any]:
     run_dir = Path(app.run.dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"no run directory at {run_dir}")
-    ckpts = Checkpoints(app.checkpoint_dir, create=False)
+    ckpts = Checkpoints(app.checkpoint_dir or _checkpoint_dir(run_dir), create=False)
     try:
         saved = ckpts.read(app.checkpoint, "config")
         plan = validate_train(OmegaConf.create(saved))

@@ -47,7 +47,7 @@ def _quiet_libraries() -> None:
 def _remove_if_empty_run(run_dir: Path) -> None:
     """Hydra creates the run dir (``.hydra/``, ``train.log``) before we validate; after a config
     error, delete what it wrote unless the dir holds anything else (a run being resumed)."""
-    hydra_files = {".hydra", "train.log"}
+    hydra_files = {".hydra", "train.log"}  # written by Hydra before the task function runs
     if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - hydra_files:
         return
     for name in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log"):
@@ -70,6 +70,8 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
         _remove_if_empty_run(run_dir)
         fail(str(e))
     config = OmegaConf.to_container(cfg, resolve=True)
+    # Hydra's .hydra/config.yaml keeps the interpolations; this is the config as it ran.
+    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
 
     import jax
 

@@ -115,6 +115,9 @@ def test_checkpoints_refuse_a_different_config_and_keep_best(tmp_path):
         ck.restore("latest", target, config={**config, "env": {"name": "kuka"}})
     with pytest.raises(CheckpointError, match="iteration 7"):
         ck.restore(7, target)
+    # Same config but a state of another structure (env or agent code changed): refused.
+    with pytest.raises(CheckpointError, match="does not fit the current TrainState"):
+        ck.restore("latest", {**target, "extra": jax.ShapeDtypeStruct((3,), jnp.float32)})
     ck.close()
     with pytest.raises(CheckpointError, match=str(tmp_path / "missing")):
         Checkpoints(str(tmp_path / "missing"), create=False)
@@ -196,5 +199,5 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     ck.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [5, 10]  # the diverged chunk is not logged
-    for key in ("losses/value_loss", "charts/episode_return"):  # both seeds, and their mean
+    for key in ("losses/value_loss", "losses/entropy"):  # both seeds, and their mean
         assert all(r[key] == pytest.approx((r[f"seed0/{key}"] + r[f"seed1/{key}"]) / 2) for r in rows)

@@ -87,7 +87,9 @@ def test_train_writes_checkpoints_metrics_and_resolved_config(finished_run):
     ck = finished_run / "checkpoints"
     assert sorted(int(p.name) for p in (ck / "latest").iterdir() if p.name.isdigit()) == [5, 10, 15, 20]
     assert [p.name for p in (ck / "best").iterdir() if p.name.isdigit()] in (["10"], ["20"])
-    assert (finished_run / ".hydra" / "config.yaml").exists()
+    assert (finished_run / ".hydra" / "config.yaml").exists()  # Hydra's, with interpolations
+    resolved = OmegaConf.load(finished_run / "config.yaml")  # as it ran
+    assert resolved.checkpoint.dir == str(ck) and resolved.run.dir == str(finished_run)
     rows = metric_rows(finished_run)
     train_rows = [r for r in rows if "charts/episode_return" in r]
     eval_rows = [r for r in rows if "eval/episode_return" in r]

@@ -147,12 +147,21 @@ class Checkpoints:
                     f"the checkpoint in {self.directory} was written by a different run configuration; "
                     f"refusing to load it ({'; '.join(diff)}). Use a new run.dir or the same settings."
                 )
-        out = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target),
-                config=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        try:
+            out = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target),
+                    config=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            # Same config, different structure: the env's or agent's state changed in the code
+            # since the checkpoint was written. Never half-load it.
+            first = str(e).split(". ")[0].splitlines()[0][:300]
+            raise CheckpointError(
+                f"the checkpoint at iteration {step} in {self.directory} does not fit the current "
+                f"TrainState (written by another version of the env or agent code?): {first}"
+            ) from e
         return out["state"], out["config"], out["meta"]

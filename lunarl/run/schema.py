@@ -55,7 +55,7 @@ class ConfigError(ValueError):
 class RunSchema:
     # Where everything of a run lives (checkpoints, metrics.jsonl, .hydra/, wandb/). In a
     # multirun, each job uses ``<run.dir>/<job number>``.
-    dir: str = "runs/${now:%Y-%m-%d_%H-%M-%S}"
+    dir: str = "runs/${name}/${now:%Y-%m-%d_%H-%M-%S}"
     total_env_steps: int = bounded(1_000_000, 1)  # per seed; rounded up to whole chunks
     # Iterations per compiled chunk (one lax.scan); metrics are logged after every chunk.
     log_every: int = bounded(10, 1)
@@ -118,7 +118,7 @@ class EvalRunSchema:
 class EvalAppSchema:
     run: EvalRunSchema = field(default_factory=EvalRunSchema)
     checkpoint: str = "latest"  # latest | best | an iteration number
-    checkpoint_dir: str = "${run.dir}/checkpoints"  # where the run's checkpoint.dir was
+    checkpoint_dir: str | None = None  # default: checkpoint.dir of the run's config.yaml
     eval: EvalSchema = field(default_factory=EvalSchema)
 
 
