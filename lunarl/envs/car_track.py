@@ -100,7 +100,7 @@ class CarTrackConfig(EnvConfig):
     num_rays: int = bounded(5, 1, 32, "distance rays")
     ray_range: float = bounded(150.0, 1.0, 2_000.0, "ray length")
     ray_spread_deg: float = bounded(120.0, 0.0, 360.0, "angle covered by the rays, centred on the heading")
-    ray_window: int = bounded(16, 4, 1_000, "edge segments per side tested by the rays")
+    ray_window: int = bounded(24, 8, 1_000, "edge segments per side tested by the rays")
     rich_observations: bool = False
     # Reward.
     progress_weight: float = bounded(0.01, 0.0, 100.0, "reward per unit of arc length gained")
@@ -314,10 +314,18 @@ def cast_rays(
     return jnp.minimum(dist, cfg.ray_range)
 
 
-def _sense(cfg: CarTrackConfig, track: Track, pos: jax.Array, facing: jax.Array, segment: jax.Array, forward: jax.Array) -> jax.Array:
-    """Ray distances from the car (at ``pos``, facing the unit vector ``facing``), against the
-    edges of a window of segments (mostly ahead if ``forward``, else behind) and all obstacles."""
-    first = segment - jnp.where(forward, _RAY_BACK_REACH, cfg.ray_window - _RAY_BACK_REACH)
+def _sense(cfg: CarTrackConfig, track: Track, pos: jax.Array, facing: jax.Array, segment: jax.Array, cos_rel: jax.Array) -> jax.Array:
+    """Ray distances from the car at ``pos`` facing the unit vector ``facing``, against all
+    obstacles and the edges of a window of ``ray_window`` segments around ``segment``.
+
+    The window slides with ``cos_rel`` (cosine of the heading relative to the track direction):
+    facing along the track it starts ``_RAY_BACK_REACH`` segments behind the car, facing across
+    it is centred on the car, facing the wrong way it extends mostly behind. The default size is
+    the smallest that matched a brute-force reference over all segments on 12,000 random poses
+    on the track (tests/test_car_track.py checks a sample).
+    """
+    half = cfg.ray_window / 2
+    first = segment - jnp.round(half - (half - _RAY_BACK_REACH) * cos_rel).astype(jnp.int32)
     points, tangents = centre_line(cfg, track, first + jnp.arange(cfg.ray_window + 1))
     left, right = _edges(cfg, points, tangents)
     seg_start = jnp.concatenate([left[:-1], right[:-1]])
@@ -380,8 +388,11 @@ def sample_track(cfg: CarTrackConfig, key: jax.Array) -> Track:
     # One obstacle per equal slot of the track away from the start line, off-centre to a random side
     # by [track_width / 4, track_width / 2 - radius / 2], so the other side keeps a free lane (see
     # CarTrackConfig.check).
+    # Positions jitter within the middle half of each slot, so consecutive obstacles are at least
+    # half a slot apart and the car has room to change lanes between them.
     slot = (cfg.num_points - 2 * _START_CLEARANCE) / n
-    index = _START_CLEARANCE + jnp.floor((np.arange(n) + u[2 * K : 2 * K + n]) * slot).astype(jnp.int32)
+    within = 0.25 + 0.5 * u[2 * K : 2 * K + n]
+    index = _START_CLEARANCE + jnp.floor((np.arange(n) + within) * slot).astype(jnp.int32)
     points, tangents = centre_line(cfg, track, index)
     half = cfg.track_width / 2
     v = 2.0 * u[2 * K + n :] - 1.0  # sign: side; magnitude: position across the allowed band
@@ -433,7 +444,7 @@ class CarTrack(LunarEnv):
             lateral=zero,
             progress=zero,
         )
-        rays = _sense(cfg, track, car.pos, car.facing, car.segment, jnp.bool_(True))
+        rays = _sense(cfg, track, car.pos, car.facing, car.segment, jnp.ones(()))
         metrics = {"success": zero, "progress": zero, "off_track": zero, "collision": zero}
         return State(
             pipeline_state=car,
@@ -467,7 +478,7 @@ class CarTrack(LunarEnv):
 
         cos_rel = facing[0] * tangent[0] + facing[1] * tangent[1]
         sin_rel = tangent[0] * facing[1] - tangent[1] * facing[0]
-        rays = _sense(cfg, car.track, pos, facing, segment, cos_rel >= 0)
+        rays = _sense(cfg, car.track, pos, facing, segment, cos_rel)
         car = car.replace(
             pos=pos,
             facing=facing,
