@@ -477,7 +477,7 @@ class Rover(LunarEnv):
         )
         return State(
             pipeline_state=ps,
-            obs=self._observe(ps),
+            obs=self.observe(ps),
             reward=zero_f,
             done=zero_f,
             metrics=self._metrics(ps),
@@ -540,7 +540,7 @@ class Rover(LunarEnv):
         done = deposited & c.terminate_on_deposit
         return state.replace(
             pipeline_state=ps,
-            obs=self._observe(ps, zone),
+            obs=self.observe(ps, zone),
             reward=reward,
             done=done.astype(jnp.float32),
             metrics=self._metrics(ps),
@@ -639,7 +639,8 @@ class Rover(LunarEnv):
 
     # -- observation ---------------------------------------------------------------------------
 
-    def _observe(self, ps: RoverState, zone: jax.Array | None = None) -> jax.Array:
+    def observe(self, ps: RoverState, zone: jax.Array | None = None) -> jax.Array:
+        """The 28-float observation of a physical state (``zone`` if already known)."""
         c: RoverConfig = self.config
         if zone is None:
             zone = self.zones.zone_id(ps.x, ps.y)
