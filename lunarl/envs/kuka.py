@@ -21,7 +21,9 @@ Tasks (``KukaConfig.task``):
   touch the cube) - pads-on-table - action rate + a success bonus. Success: cube centre within
   ``success_radius`` of the target; the episode terminates on success.
 * ``"reach"``: reward = reach - action rate + the success bonus; success: TCP within
-  ``success_radius`` of the cube centre. A short task for checking that a learner improves on CPU.
+  ``success_radius`` of the cube centre. The episode does not end on success (the bonus is paid
+  every step inside the radius), so the return rises smoothly as a learner improves: a short task
+  for checking learning on a CPU.
 
 The episode also terminates when the simulation produces a non-finite value (obs and reward are
 then sanitised) or when the cube leaves the workspace.
@@ -94,7 +96,9 @@ class KukaConfig(EnvConfig):
     # Large against the per-step terms (at most ~2 per step) so that ending the episode on
     # success pays more than hovering just outside the radius.
     success_bonus: float = bounded(100.0, 0.0, 10_000.0)
-    workspace_radius: float = bounded(1.0, 0.2, 5.0, "cube farther than this (xy) from the base ends the episode")
+    workspace_radius: float = bounded(
+        1.0, 0.2, 5.0, "cube farther than this (xy) from the base ends the episode"
+    )
     render_width: int = bounded(320, 16, 2048)
     render_height: int = bounded(240, 16, 2048)
 
@@ -186,7 +190,11 @@ def sample_layout(config: KukaConfig, rng: jax.Array) -> tuple[jax.Array, jax.Ar
 
 
 def _touching(data: mjx.Data, geom_a: int, geom_b: int) -> jax.Array:
-    """Whether geoms ``a`` and ``b`` are in contact (penetrating) in ``data``'s contact list."""
+    """Whether geoms ``a`` and ``b`` are in contact (penetrating) in ``data``'s contact list.
+
+    MJX keeps a fixed-size contact list (every candidate pair allowed by contype/conaffinity, with
+    its distance); mujoco-mjx 3.x exposes it only as ``data._impl.contact`` for the JAX impl.
+    """
     contact = data._impl.contact
     g1, g2 = contact.geom[:, 0], contact.geom[:, 1]
     pair = ((g1 == geom_a) & (g2 == geom_b)) | ((g1 == geom_b) & (g2 == geom_a))
@@ -217,8 +225,12 @@ class Kuka(LunarEnv):
         self._cube_qpos = int(model.jnt_qposadr[model.joint("cube").id])
         self._target_mocap = int(model.body_mocapid[model.body("target").id])
         self._geom = {name: model.geom(name).id for name in ("pad_left", "pad_right", "cube", "table")}
-        self._finger_qpos = np.array([model.jnt_qposadr[model.joint(n).id] for n in ("finger_left", "finger_right")])
-        self._finger_dof = np.array([model.jnt_dofadr[model.joint(n).id] for n in ("finger_left", "finger_right")])
+        self._finger_qpos = np.array(
+            [model.jnt_qposadr[model.joint(n).id] for n in ("finger_left", "finger_right")]
+        )
+        self._finger_dof = np.array(
+            [model.jnt_dofadr[model.joint(n).id] for n in ("finger_left", "finger_right")]
+        )
         self.cube_rest_z = float(model.geom_size[self._geom["cube"], 2])
         home = model.keyframe("home")
         self._home_qpos = jnp.asarray(home.qpos, dtype=jnp.float32)
@@ -307,7 +319,9 @@ class Kuka(LunarEnv):
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         g = self._geom
         grasped = _touching(data, g["pad_left"], g["cube"]) & _touching(data, g["pad_right"], g["cube"])
-        pads_on_table = _touching(data, g["pad_left"], g["table"]) | _touching(data, g["pad_right"], g["table"])
+        pads_on_table = _touching(data, g["pad_left"], g["table"]) | _touching(
+            data, g["pad_right"], g["table"]
+        )
         return reward_terms(
             self.config,
             tcp=data.site_xpos[self._tcp_site],
@@ -341,7 +355,9 @@ class Kuka(LunarEnv):
             ]
         )
         # A diverged simulation must not leak NaN/inf into the agent; the step also ends it.
-        return jnp.clip(jnp.nan_to_num(obs, nan=0.0, posinf=0.0, neginf=0.0), -100.0, 100.0).astype(jnp.float32)
+        return jnp.clip(jnp.nan_to_num(obs, nan=0.0, posinf=0.0, neginf=0.0), -100.0, 100.0).astype(
+            jnp.float32
+        )
 
     # ----------------------------------------------------------------------------------------
     # Host-side helpers
@@ -366,7 +382,9 @@ class Kuka(LunarEnv):
         """A uint8 [render_height, render_width, 3] frame of one (unbatched) state, rendered offscreen
         (see ``OffscreenRenderer``; raises ``RuntimeError`` when no OpenGL platform is available)."""
         if self._renderer is None:
-            self._renderer = OffscreenRenderer(self.mj_model, self.config.render_width, self.config.render_height)
+            self._renderer = OffscreenRenderer(
+                self.mj_model, self.config.render_width, self.config.render_height
+            )
         return self._renderer.render(self.mj_data(state))
 
 
@@ -439,7 +457,9 @@ def mujoco_reference_steps_per_second(env: Kuka, num_steps: int, seed: int = 0) 
     scale = env.config.action_scale
     start = time.perf_counter()
     for a in actions:
-        ctrl = np.append(d.ctrl[:NUM_ARM_JOINTS] + scale * a[:NUM_ARM_JOINTS], 0.5 * (a[-1] + 1.0) * FINGER_OPEN)
+        ctrl = np.append(
+            d.ctrl[:NUM_ARM_JOINTS] + scale * a[:NUM_ARM_JOINTS], 0.5 * (a[-1] + 1.0) * FINGER_OPEN
+        )
         d.ctrl[:] = np.clip(ctrl, low, high)
         for _ in range(env.n_substeps):
             mujoco.mj_step(m, d)
