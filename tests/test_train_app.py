@@ -91,12 +91,12 @@ def test_train_writes_checkpoints_metrics_and_resolved_config(finished_run):
     resolved = OmegaConf.load(finished_run / "config.yaml")  # as it ran
     assert resolved.checkpoint.dir == str(ck) and resolved.run.dir == str(finished_run)
     rows = metric_rows(finished_run)
-    train_rows = [r for r in rows if "charts/episode_return" in r]
+    train_rows = [r for r in rows if "losses/policy_loss" in r]
     eval_rows = [r for r in rows if "eval/episode_return" in r]
     assert [r["iteration"] for r in train_rows] == [5, 10, 15, 20]
     assert [r["global_step"] for r in train_rows] == [1280, 2560, 3840, 5120]
     assert [r["iteration"] for r in eval_rows] == [10, 20]
-    for key in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl", "charts/success_rate"):
+    for key in ("losses/policy_loss", "losses/value_loss", "losses/approx_kl", "charts/learning_rate"):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     step, state = restore_final(ck)
     assert step == 20 and int(state.iteration[0]) == 20

@@ -166,7 +166,6 @@ class Plan:
 
     cfg: TrainSchema
     env_name: str
-    env_overrides: dict[str, Any]
     env_config: Any  # the env's EnvConfig
     agent_name: str
     agent_config: Any  # the agent's Config
@@ -262,7 +261,6 @@ def validate_train(cfg: DictConfig) -> Plan:
     return Plan(
         cfg=schema,
         env_name=env_run.name,
-        env_overrides=env_node,
         env_config=env_config,
         agent_name=agent_name,
         agent_config=agent_config,
