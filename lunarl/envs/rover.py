@@ -543,7 +543,8 @@ class Rover(LunarEnv):
             obs=self.observe(ps, zone),
             reward=reward,
             done=done.astype(jnp.float32),
-            metrics=self._metrics(ps),
+            # Keep keys that wrappers added (Brax's trainers add e.g. "reward").
+            metrics={**state.metrics, **self._metrics(ps)},
         )
 
     def _drive(self, ps: RoverState, speed: jax.Array, turn: jax.Array) -> tuple[RoverState, jax.Array, jax.Array]:
