@@ -301,7 +301,7 @@ def cast_rays(
     t = w_cross_e * inv
     u = w_cross_d * inv
     hit = ok & (t >= 0) & (u >= 0) & (u <= 1)
-    dist = jnp.min(jnp.where(hit, t, cfg.ray_range), axis=-1)  # [R]
+    candidates = [jnp.where(hit, t, cfg.ray_range)]  # [R, S]
     if circles.shape[0]:
         # Circles: |origin + t d - c|^2 = r^2, nearest root t >= 0.
         f = origin - circles  # [C, 2]
@@ -310,8 +310,9 @@ def cast_rays(
         disc = b * b - c
         t_circle = jnp.where(c <= 0, 0.0, -b - jnp.sqrt(jnp.maximum(disc, 0.0)))
         hit_circle = (disc >= 0) & (t_circle >= 0)
-        dist = jnp.minimum(dist, jnp.min(jnp.where(hit_circle, t_circle, cfg.ray_range), axis=-1))
-    return jnp.minimum(dist, cfg.ray_range)
+        candidates.append(jnp.where(hit_circle, t_circle, cfg.ray_range))  # [R, C]
+    # One reduction over all candidates (the nearest hit, or the range when nothing is hit).
+    return jnp.min(jnp.concatenate(candidates, -1), axis=-1)
 
 
 def _sense(cfg: CarTrackConfig, track: Track, pos: jax.Array, facing: jax.Array, segment: jax.Array, cos_rel: jax.Array) -> jax.Array:
