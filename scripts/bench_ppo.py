@@ -12,8 +12,9 @@ chunk includes compilation, so
 * steps/s = env steps of one chunk / median wall time of chunks 2.. (compile excluded), and
 * compile time = first chunk's wall time - median chunk time,
 
-measured the same way for both (for Brax from its own per-epoch ``training/sps`` and
-``training/walltime`` reported through ``progress_fn``; its evals are off). Returns are from the
+measured the same way for both (for Brax from its own per-epoch ``training/walltime`` reported
+through ``progress_fn``; its evals are off). On a shared machine wall time is noisy, so the JSON
+also has steps per second of process CPU time (``*_sps_cpu``, ``ratio_cpu``). Returns are from the
 same deterministic ``lunarl.run.evaluation.evaluate`` on the final parameters of each. Then lunarl
 alone with 1, 8, 64 seeds vmapped in one program.
 
@@ -57,12 +58,13 @@ def _parse_override(cfg_cls: type, text: str) -> tuple[str, typing.Any]:
 
 
 def _chunk_stats(times: list[float], steps_per_chunk: int) -> tuple[float, float]:
+    """(steps/s from the median of chunks 2.., compile = first chunk - that median)."""
     steady = statistics.median(times[1:])
     return steps_per_chunk / steady, max(times[0] - steady, 0.0)
 
 
 def run_lunarl(env: LunarEnv, cfg: ppo.PPOConfig, seeds: int, chunks: int, chunk_iters: int, seed: int):
-    """(state, steps/s over all seeds, compile seconds, chunk times)."""
+    """(state, steps/s over all seeds, compile seconds, chunk wall times, chunk CPU times)."""
 
     def run_chunk(ts):
         return jax.lax.scan(lambda s, _: ppo.train_step(s), ts, None, length=chunk_iters)
@@ -75,18 +77,19 @@ def run_lunarl(env: LunarEnv, cfg: ppo.PPOConfig, seeds: int, chunks: int, chunk
         chunk_fn = jax.jit(jax.vmap(run_chunk), donate_argnums=0)
     key = jax.random.PRNGKey(seed)
     ts = jax.block_until_ready(init(key if seeds == 1 else jax.random.split(key, seeds)))
-    times = []
+    times, cpu_times = [], []
     for _ in range(chunks):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         ts, metrics = chunk_fn(ts)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     sps, compile_s = _chunk_stats(times, seeds * chunk_iters * cfg.num_envs * cfg.unroll_length)
-    return ts, sps, compile_s, times
+    return ts, sps, compile_s, times, cpu_times
 
 
 def run_brax(env: LunarEnv, cfg: ppo.PPOConfig, chunks: int, chunk_iters: int, seed: int):
-    """(brax policy fn for ``evaluate``, its params, steps/s, compile seconds, chunk times)."""
+    """(brax policy fn for ``evaluate``, its params, steps/s, compile s, chunk wall and CPU times)."""
     from brax.training.agents.ppo import networks as brax_networks
     from brax.training.agents.ppo import train as brax_ppo
     import flax.linen as nn
@@ -94,12 +97,12 @@ def run_brax(env: LunarEnv, cfg: ppo.PPOConfig, chunks: int, chunk_iters: int, s
     from lunarl.agents.networks import ACTIVATIONS
 
     walltimes: list[float] = []
-    step_counts: list[int] = []
+    cpu_marks: list[float] = [time.process_time()]
 
     def progress(step: int, metrics: dict) -> None:
         if "training/walltime" in metrics:
             walltimes.append(float(metrics["training/walltime"]))
-            step_counts.append(int(step))
+            cpu_marks.append(time.process_time())
 
     per_iter = cfg.num_envs * cfg.unroll_length
     make_inference, params, _ = brax_ppo.train(
@@ -136,22 +139,24 @@ def run_brax(env: LunarEnv, cfg: ppo.PPOConfig, chunks: int, chunk_iters: int, s
         progress_fn=progress,
     )
     times = [walltimes[0]] + [b - a for a, b in zip(walltimes, walltimes[1:])]
+    # CPU time between progress calls; the first also holds Brax's set-up (env reset, init).
+    cpu_times = [b - a for a, b in zip(cpu_marks, cpu_marks[1:])]
     sps, compile_s = _chunk_stats(times, chunk_iters * per_iter)
 
     def policy(p, obs, rng, deterministic=True):
         return make_inference(p, deterministic=deterministic)(obs, rng)[0]
 
-    return policy, params, sps, compile_s, times
+    return policy, params, sps, compile_s, times, cpu_times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="rover")
     parser.add_argument("--num-envs", type=int, default=64)
-    parser.add_argument("--total-steps", type=int, default=131_072, help="env steps per run (rounded to whole chunks)")
+    parser.add_argument("--total-steps", type=int, default=196_608, help="env steps per run (rounded to whole chunks)")
     parser.add_argument("--seeds", default="1,8,64", help="seed counts for the vmapped-seeds scan ('' to skip)")
     parser.add_argument("--seed-iters", type=int, default=2, help="iterations per timed chunk in the seeds scan")
-    parser.add_argument("--chunks", type=int, default=4, help="timed chunks per run; the first one compiles")
+    parser.add_argument("--chunks", type=int, default=6, help="timed chunks per run; the first one compiles")
     parser.add_argument("--eval-episodes", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-brax", action="store_true")
@@ -188,7 +193,7 @@ def main() -> None:
     eval_key = jax.random.PRNGKey(10_000 + args.seed)
     policy = ppo.make_policy(env, cfg)
 
-    ts, l_sps, l_compile, l_times = run_lunarl(env, cfg, 1, args.chunks, chunk_iters, args.seed)
+    ts, l_sps, l_compile, l_times, l_cpu = run_lunarl(env, cfg, 1, args.chunks, chunk_iters, args.seed)
     l_eval = summarize(ev(policy, ppo.policy_params(ts), eval_key))
     print(f"lunarl: {l_sps:,.0f} steps/s, compile {l_compile:.1f}s, chunks {[round(t, 2) for t in l_times]}, eval {l_eval}")
 
@@ -201,6 +206,8 @@ def main() -> None:
         "lunarl_sps": l_sps,
         "lunarl_compile_s": l_compile,
         "lunarl_chunk_s": l_times,
+        "lunarl_chunk_cpu_s": l_cpu,
+        "lunarl_sps_cpu": chunk_iters * per_iter / statistics.median(l_cpu[1:]),
         "lunarl_return": l_eval["return_mean"],
         "lunarl_success": l_eval["success_rate"],
         "eval_episodes": args.eval_episodes,
@@ -210,21 +217,24 @@ def main() -> None:
         "lunarl": lunarl.__version__,
     }
     if not args.skip_brax:
-        b_policy, b_params, b_sps, b_compile, b_times = run_brax(env, cfg, args.chunks, chunk_iters, args.seed)
+        b_policy, b_params, b_sps, b_compile, b_times, b_cpu = run_brax(env, cfg, args.chunks, chunk_iters, args.seed)
         b_eval = summarize(ev(b_policy, b_params, eval_key))
         print(f"brax:   {b_sps:,.0f} steps/s, compile {b_compile:.1f}s, chunks {[round(t, 2) for t in b_times]}, eval {b_eval}")
         result.update(
             brax_sps=b_sps,
             brax_compile_s=b_compile,
             brax_chunk_s=b_times,
+            brax_chunk_cpu_s=b_cpu,
+            brax_sps_cpu=chunk_iters * per_iter / statistics.median(b_cpu[1:]),
             brax_return=b_eval["return_mean"],
             brax_success=b_eval["success_rate"],
             ratio=l_sps / b_sps,
         )
+        result["ratio_cpu"] = result["lunarl_sps_cpu"] / result["brax_sps_cpu"]
 
     seed_sps = {}
     for n in [int(s) for s in args.seeds.split(",") if s]:
-        _, sps, compile_s, _ = run_lunarl(env, cfg, n, 3, args.seed_iters, args.seed)
+        _, sps, compile_s, _, _ = run_lunarl(env, cfg, n, 3, args.seed_iters, args.seed)
         seed_sps[str(n)] = {"sps": sps, "compile_s": compile_s}
         print(f"lunarl x{n} seeds: {sps:,.0f} steps/s (all seeds), compile {compile_s:.1f}s")
     result["lunarl_seeds_sps"] = seed_sps
@@ -234,7 +244,7 @@ def main() -> None:
     print(f"{'lunarl':10s}{l_sps:12,.0f}{l_compile:11.1f}{l_eval['return_mean']:10.2f}{l_eval['success_rate']:9.2f}")
     if "brax_sps" in result:
         print(f"{'brax':10s}{b_sps:12,.0f}{b_compile:11.1f}{b_eval['return_mean']:10.2f}{b_eval['success_rate']:9.2f}")
-        print(f"ratio lunarl/brax: {result['ratio']:.2f}")
+        print(f"ratio lunarl/brax: {result['ratio']:.2f} (wall), {result['ratio_cpu']:.2f} (process CPU time)")
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

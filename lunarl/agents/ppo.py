@@ -159,9 +159,14 @@ def _lr_schedule(cfg: PPOConfig) -> optax.Schedule:
 
 
 def _optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.adam(_lr_schedule(cfg), eps=1e-5),
+    # ``flatten``: the clip and Adam run on one concatenated vector instead of leaf by leaf,
+    # a few fused ops per minibatch step rather than a few per parameter (~10% of the update
+    # time on CPU with small nets; fewer kernel launches on GPU).
+    return optax.flatten(
+        optax.chain(
+            optax.clip_by_global_norm(cfg.max_grad_norm),
+            optax.adam(_lr_schedule(cfg), eps=1e-5),
+        )
     )
 
 
