@@ -96,7 +96,12 @@ def drive(env, keys, directions):
             new = env.step(state, action)
             new = jax.tree.map(lambda old, fresh: jnp.where(state.done > 0, old, fresh), state, new)
             live = 1.0 - state.done
-            return new, (new.reward * live, new.done * live, new.metrics["success"] * live, new.pipeline_state.segment)
+            return new, (
+                new.reward * live,
+                new.done * live,
+                new.metrics["success"] * live,
+                new.pipeline_state.segment,
+            )
 
         return jax.lax.scan(body, state, directions)
 
@@ -121,6 +126,7 @@ def drive(env, keys, directions):
         ({"max_speed": 30.0}, "max_speed"),  # skips the projection window
         ({"ray_window": 200}, "ray_window"),  # more than num_points
         ({"field_height": 150.0}, "field_height"),  # no room for a loop
+        ({"amplitude": 0.5, "num_harmonics": 8, "harmonic_decay": 0.0}, "amplitude"),  # edges would fold
         ({"rich_observations": 1}, "rich_observations"),
     ],
 )
@@ -154,12 +160,18 @@ def test_tracks_stay_in_the_field_with_a_drivable_width(env, cfg, batched):
     centre, left, right = batched["polylines"](state.pipeline_state.track)
     edges = np.concatenate([np.asarray(left), np.asarray(right)], 1)
     assert np.isfinite(edges).all()
-    assert (edges[..., 0] >= cfg.margin - 1e-3).all() and (edges[..., 0] <= cfg.field_width - cfg.margin + 1e-3).all()
-    assert (edges[..., 1] >= cfg.margin - 1e-3).all() and (edges[..., 1] <= cfg.field_height - cfg.margin + 1e-3).all()
+    assert (edges[..., 0] >= cfg.margin - 1e-3).all() and (
+        edges[..., 0] <= cfg.field_width - cfg.margin + 1e-3
+    ).all()
+    assert (edges[..., 1] >= cfg.margin - 1e-3).all() and (
+        edges[..., 1] <= cfg.field_height - cfg.margin + 1e-3
+    ).all()
 
     @jax.jit
     def clearances(centre, left, right, obstacles):
-        ends = lambda p: (p, jnp.roll(p, -1, axis=0))
+        def ends(p):
+            return p, jnp.roll(p, -1, axis=0)
+
         (la, lb), (ra, rb), (ca, cb) = ends(left), ends(right), ends(centre)
         edge_a, edge_b = jnp.concatenate([la, ra]), jnp.concatenate([lb, rb])
         # No edge (of either side, anywhere along the loop) comes closer than half the width to
@@ -167,24 +179,35 @@ def test_tracks_stay_in_the_field_with_a_drivable_width(env, cfg, batched):
         corridor = _segment_distances(centre, edge_a, edge_b).min()
         seg = cb - ca
         seg_len = jnp.linalg.norm(seg, axis=-1)
+
         # Consecutive edge segments turn by less than 90 degrees (no cusps or loops).
         def turn(a, b):
             d = b - a
-            return jnp.min(jnp.sum(d * jnp.roll(d, -1, axis=0), -1) / (jnp.linalg.norm(d, axis=-1) * jnp.linalg.norm(jnp.roll(d, -1, axis=0), axis=-1)))
+            return jnp.min(
+                jnp.sum(d * jnp.roll(d, -1, axis=0), -1)
+                / (jnp.linalg.norm(d, axis=-1) * jnp.linalg.norm(jnp.roll(d, -1, axis=0), axis=-1))
+            )
+
         obstacle_offset = _segment_distances(obstacles, ca, cb).min(-1)
         return corridor, seg_len.min(), jnp.minimum(turn(la, lb), turn(ra, rb)), obstacle_offset
 
     corridor, seg_len, turn, obstacle_offset = jax.lax.map(
-        lambda args: clearances(*args), (centre, left, right, state.pipeline_state.track.obstacles), batch_size=64
+        lambda args: clearances(*args),
+        (centre, left, right, state.pipeline_state.track.obstacles),
+        batch_size=64,
     )
     half = cfg.track_width / 2
-    assert float(corridor.min()) >= 0.99 * half, f"an edge intrudes into the corridor: {float(corridor.min()):.2f}"
+    assert float(corridor.min()) >= 0.99 * half, (
+        f"an edge intrudes into the corridor: {float(corridor.min()):.2f}"
+    )
     assert float(seg_len.min()) >= cfg.min_segment_length
     assert float(turn.min()) > 0.0
     # Obstacles sit on the track, off-centre, so that one side keeps a lane.
     assert float(obstacle_offset.max()) <= half and float(obstacle_offset.min()) >= 0.95 * half / 2
     # The generator really varies the shape.
-    radius_spread = np.ptp(np.linalg.norm(np.asarray(centre) - [cfg.field_width / 2, cfg.field_height / 2], axis=-1), axis=0)
+    radius_spread = np.ptp(
+        np.linalg.norm(np.asarray(centre) - [cfg.field_width / 2, cfg.field_height / 2], axis=-1), axis=0
+    )
     assert radius_spread.max() > 20.0
 
 
@@ -216,7 +239,7 @@ def _reference_rays(cfg, pos, heading, left, right, obstacles):
     out = []
     for d in dirs:
         best = cfg.ray_range
-        for p, v in zip(a, e):
+        for p, v in zip(a, e, strict=True):
             den = d[0] * v[1] - d[1] * v[0]
             if abs(den) < 1e-12:
                 continue
@@ -246,7 +269,9 @@ def test_rays_match_a_brute_force_reference(env, cfg, batched):
     fraction = rng.uniform(0, 1, n)
     heading = rng.uniform(-np.pi, np.pi, n)  # any direction, including backwards
     lateral = rng.uniform(-0.95, 0.95, n) * cfg.track_width / 2
-    centre, left, right = (np.asarray(x, np.float64) for x in batched["polylines"](state.pipeline_state.track))
+    centre, left, right = (
+        np.asarray(x, np.float64) for x in batched["polylines"](state.pipeline_state.track)
+    )
     rows = np.arange(n)
     a, b = centre[rows, segment], centre[rows, (segment + 1) % cfg.num_points]
     tangent = (b - a) / np.linalg.norm(b - a, axis=-1, keepdims=True)
@@ -262,7 +287,9 @@ def test_rays_match_a_brute_force_reference(env, cfg, batched):
     stepped = batched["step"](state.replace(pipeline_state=car), jnp.zeros((n, 2)))
     rays = np.asarray(stepped.obs)[:, : cfg.num_rays] * cfg.ray_range
     obstacles = np.asarray(state.pipeline_state.track.obstacles, np.float64)
-    expected = np.stack([_reference_rays(cfg, pos[i], heading[i], left[i], right[i], obstacles[i]) for i in range(n)])
+    expected = np.stack(
+        [_reference_rays(cfg, pos[i], heading[i], left[i], right[i], obstacles[i]) for i in range(n)]
+    )
     np.testing.assert_allclose(rays, expected, atol=0.05, rtol=1e-3)
     assert (expected < cfg.ray_range).mean() > 0.5, "most rays should hit something"
 
@@ -279,7 +306,10 @@ def test_scripted_driver_completes_a_lap_on_random_tracks(env, cfg, batched):
     successes, dones, rewards = np.asarray(successes), np.asarray(dones), np.asarray(rewards)
     assert successes.sum(1).tolist() == [1.0] * num_tracks, "every track must be lapped"
     assert (dones.sum(1) == 1).all()
-    assert np.asarray(final.metrics["off_track"]).sum() == 0 and np.asarray(final.metrics["collision"]).sum() == 0
+    assert (
+        np.asarray(final.metrics["off_track"]).sum() == 0
+        and np.asarray(final.metrics["collision"]).sum() == 0
+    )
     # Return = progress over one loop + lap bonus - time cost per step.
     centre = np.asarray(batched["polylines"](batched["reset"](keys).pipeline_state.track)[0], np.float64)
     length = np.linalg.norm(np.roll(centre, -1, 1) - centre, axis=-1).sum(-1)

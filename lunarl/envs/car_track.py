@@ -1,12 +1,15 @@
 """A car on a procedural closed-loop track, with ray sensors (the task of seed 002), in pure JAX.
 
 Track. The centre line is the loop ``p(theta) = centre + s(theta) * (a cos theta, b sin theta)``
-sampled at ``num_points`` equally spaced angles, where ``s = 1 + sum_k c_k cos(k theta + phi_k)`` is
-a sum of ``num_harmonics`` random low-frequency harmonics with total amplitude at most
-``amplitude`` (so ``|s - 1| <= amplitude``). Because ``s > 0`` the loop is star-shaped around the
-field centre, hence closed and never self-intersecting, and the semi-axes ``a, b`` are chosen so
-that the loop, widened by half the track width, always fits inside the field with ``margin`` to
-spare. The two edges are the centre line offset by ``track_width / 2`` along its normal.
+sampled at ``num_points`` equally spaced angles (vertex 0, at theta = 0, is the start line), where
+``s = 1 + sum_k (A_k cos k theta + B_k sin k theta)`` sums ``num_harmonics`` random low-frequency
+harmonics, each of amplitude at most its share of ``amplitude`` (so ``|s - 1| <= amplitude``).
+Because ``s > 0`` the loop is star-shaped around the field centre, hence closed and never
+self-intersecting, and the semi-axes ``a, b`` are chosen so that the loop, widened by half the
+track width, always fits inside the field with ``margin`` to spare. The two edges are the centre
+line offset by ``track_width / 2`` along its normal. ``num_obstacles`` circles sit on the track,
+one per stretch, off-centre so that a lane stays free beside each and there is room to change lanes
+between them. ``track_seed`` fixes one track for every episode; ``None`` draws one per reset.
 
 A track is stored as its ``2 * num_harmonics`` coefficients plus the obstacle centres, not as
 polylines: vertices are recomputed on demand, and only for the few segments near the car, from
@@ -17,27 +20,28 @@ them in every fused loop that broadcasts their result).
 
 Car. Position, speed in ``[0, max_speed]`` and heading (a unit vector); action
 ``[steering, throttle]`` in ``[-1, 1]``: the heading turns by ``steering * steering_rate`` rad per
-step (positive = left), the speed changes by
-``throttle * acceleration - drag * speed``. The car starts at vertex 0 (the start line) on the
-centre line, facing along the track, at rest.
+step (positive = left), the speed changes by ``throttle * acceleration - drag * speed`` (no
+reverse gear). The car starts at rest on the start line, on the centre line, facing along the track.
 
 Sensors. ``num_rays`` rays spread evenly over ``ray_spread_deg`` around the heading return the
 distance to the first track edge or obstacle, capped at ``ray_range``. The edges are tested in a
-window of ``ray_window`` segments around the car (mostly ahead of the way it faces along the track), which covers
-everything a ray of length ``ray_range`` can reach on the tracks this generator draws (checked in
-the tests against a brute-force reference over all segments).
+window of ``ray_window`` segments around the car that slides with the heading (see ``_sense``);
+the default covers everything a ray of length ``ray_range`` can reach on the tracks this
+generator draws (checked in the tests against a brute-force reference over all segments).
 
-Observation (``6`` floats by default): ray distances / ``ray_range``, then speed / ``max_speed``.
-With ``rich_observations=True`` three more follow: the signed lateral offset from the centre
-line / (``track_width / 2``) (positive = left of the driving direction) and the sine and cosine
-of the heading relative to the centre line's direction.
+Observation (``num_rays + 1`` = 6 floats by default): ray distances / ``ray_range``, then
+speed / ``max_speed``. With ``rich_observations=True`` three more follow: the signed lateral
+offset from the centre line / (``track_width / 2``) (positive = left of the driving direction)
+and the sine and cosine of the heading relative to the centre line's direction.
 
 Reward. ``progress_weight`` times the signed arc length gained along the centre line (the car is
 projected onto the polyline each step), minus ``time_cost`` per step; ``- crash_penalty`` and
-termination when the car's centre leaves the track or the car touches an obstacle;
-``+ lap_bonus``, ``metrics["success"] = 1`` and termination when a lap is completed. A lap is
-completed when the *cumulative signed* progress since the start reaches one full loop, so
+termination when the car's centre leaves the track or the car (radius ``car_radius``) touches an
+obstacle; ``+ lap_bonus``, ``metrics["success"] = 1`` and termination when a lap is completed. A
+lap is completed when the *cumulative signed* progress since the start reaches one full loop, so
 driving backwards over the start line and forwards again earns nothing net and never a lap.
+Metrics: ``success`` (1 on the step a lap completes), ``progress`` (signed laps so far),
+``off_track`` and ``collision`` (1 on the step the episode ends that way).
 """
 
 from __future__ import annotations
@@ -86,7 +90,9 @@ class CarTrackConfig(EnvConfig):
     num_harmonics: int = bounded(4, 1, 8, "random harmonics k = 1..K varying the loop's radius")
     amplitude: float = bounded(0.25, 0.0, 0.5, "max relative radius variation |s - 1|")
     harmonic_decay: float = bounded(1.5, 0.0, 4.0, "harmonic k gets a share of the amplitude ~ k**-decay")
-    track_seed: int | None = bounded(None, 0, 2**31 - 1, "fixed track for every episode; None draws one per reset")
+    track_seed: int | None = bounded(
+        None, 0, 2**31 - 1, "fixed track for every episode; None draws one per reset"
+    )
     # Obstacles: circles on the track, each leaving a free lane on one side.
     num_obstacles: int = bounded(5, 0, 20, "obstacles per track")
     obstacle_radius: float = bounded(8.0, 0.0, 100.0, "obstacle radius")
@@ -111,13 +117,23 @@ class CarTrackConfig(EnvConfig):
     def check(self) -> None:
         name = type(self).__name__
         half = self.track_width / 2
-        for axis, semi_axis in zip(("field_width", "field_height"), self.semi_axes):
+        for axis, semi_axis in zip(("field_width", "field_height"), self.semi_axes, strict=True):
             # The loop's smallest radius must leave room for the inner edge around the field centre.
             if semi_axis * (1 - self.amplitude) <= self.track_width:
                 raise ValueError(
                     f"{name}.{axis}={getattr(self, axis)} leaves no room for a loop with track_width="
                     f"{self.track_width}, margin={self.margin}, amplitude={self.amplitude}"
                 )
+        # Curvature: |s''| <= sum_k share_k k^2; relative to the smallest radius it must stay small
+        # or the inner edge folds over itself (bound calibrated on 1,024 draws per setting).
+        smallest = min(self.semi_axes) * (1 - self.amplitude)
+        bend = sum(share * k * k for k, share in enumerate(self.harmonic_shares(), start=1)) * half / smallest
+        if bend > 0.75:
+            raise ValueError(
+                f"{name}.amplitude={self.amplitude} too rough with num_harmonics={self.num_harmonics} and "
+                f"harmonic_decay={self.harmonic_decay}: the edges would fold (bend {bend:.2f} > 0.75); lower "
+                f"amplitude or num_harmonics, or raise harmonic_decay"
+            )
         if self.obstacle_radius + self.car_radius > half:
             raise ValueError(
                 f"{name}.obstacle_radius={self.obstacle_radius} too large: obstacle_radius + car_radius "
@@ -143,7 +159,15 @@ class CarTrackConfig(EnvConfig):
         """Semi-axes (a, b) of the unperturbed loop: the widest loop that still fits the field."""
         room = 1.0 + self.amplitude
         half = self.track_width / 2
-        return ((self.field_width / 2 - self.margin - half) / room, (self.field_height / 2 - self.margin - half) / room)
+        return (
+            (self.field_width / 2 - self.margin - half) / room,
+            (self.field_height / 2 - self.margin - half) / room,
+        )
+
+    def harmonic_shares(self) -> np.ndarray:
+        """Max amplitude of harmonics k = 1..K: ``amplitude`` split in proportion to ``k**-harmonic_decay``."""
+        share = np.arange(1, self.num_harmonics + 1, dtype=np.float64) ** -self.harmonic_decay
+        return self.amplitude * share / share.sum()
 
     @property
     def min_segment_length(self) -> float:
@@ -211,7 +235,9 @@ def _harmonic_table(cfg: CarTrackConfig) -> np.ndarray:
     theta = np.arange(cfg.num_points) * (2 * np.pi / cfg.num_points)
     k = np.arange(1, cfg.num_harmonics + 1)
     kt = theta[:, None] * k
-    return np.concatenate([np.cos(theta)[:, None], np.sin(theta)[:, None], np.cos(kt), np.sin(kt)], 1).astype(np.float32)
+    return np.concatenate([np.cos(theta)[:, None], np.sin(theta)[:, None], np.cos(kt), np.sin(kt)], 1).astype(
+        np.float32
+    )
 
 
 def centre_line(cfg: CarTrackConfig, track: Track, index: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -315,7 +341,14 @@ def cast_rays(
     return jnp.min(jnp.concatenate(candidates, -1), axis=-1)
 
 
-def _sense(cfg: CarTrackConfig, track: Track, pos: jax.Array, facing: jax.Array, segment: jax.Array, cos_rel: jax.Array) -> jax.Array:
+def _sense(
+    cfg: CarTrackConfig,
+    track: Track,
+    pos: jax.Array,
+    facing: jax.Array,
+    segment: jax.Array,
+    cos_rel: jax.Array,
+) -> jax.Array:
     """Ray distances from the car at ``pos`` facing the unit vector ``facing``, against all
     obstacles and the edges of a window of ``ray_window`` segments around ``segment``.
 
@@ -377,11 +410,9 @@ def sample_track(cfg: CarTrackConfig, key: jax.Array) -> Track:
     """Draw a track: random harmonic coefficients, obstacles on stratified segments."""
     K, n = cfg.num_harmonics, cfg.num_obstacles
     u = _uniforms(key, 2 * K + 2 * n)
-    share = np.arange(1, K + 1, dtype=np.float64) ** -cfg.harmonic_decay
-    share = cfg.amplitude * share / share.sum()  # shares sum to the amplitude
     # (cos, sin) coefficients of harmonic k uniform in a square of half-side share_k / sqrt 2, so
-    # its amplitude is at most share_k and |s - 1| <= amplitude.
-    half_side = (share / np.sqrt(2)).astype(np.float32)
+    # its amplitude is at most share_k and |s - 1| <= amplitude (the shares sum to it).
+    half_side = (cfg.harmonic_shares() / np.sqrt(2)).astype(np.float32)
     coef = (2.0 * u[: 2 * K] - 1.0) * np.concatenate([half_side, half_side])
     track = Track(cos_coef=coef[:K], sin_coef=coef[K:], obstacles=jnp.zeros((n, 2), jnp.float32))
     if n == 0:
@@ -422,7 +453,9 @@ class CarTrack(LunarEnv):
     def action_size(self) -> int:
         return 2
 
-    def _observe(self, car: CarTrackState, rays: jax.Array, cos_rel: jax.Array, sin_rel: jax.Array) -> jax.Array:
+    def _observe(
+        self, car: CarTrackState, rays: jax.Array, cos_rel: jax.Array, sin_rel: jax.Array
+    ) -> jax.Array:
         cfg = self.config
         parts = [rays / cfg.ray_range, (car.speed / cfg.max_speed)[None]]
         if cfg.rich_observations:
@@ -465,7 +498,9 @@ class CarTrack(LunarEnv):
         speed = jnp.clip(car.speed + throttle * cfg.acceleration - cfg.drag * car.speed, 0.0, cfg.max_speed)
         pos = car.pos + speed * facing
 
-        segment, fraction, lateral, tangent, arc_gain, segment_gain = _project(cfg, car.track, pos, car.segment, car.fraction)
+        segment, fraction, lateral, tangent, arc_gain, segment_gain = _project(
+            cfg, car.track, pos, car.segment, car.fraction
+        )
         progress = car.progress + segment_gain
         off_track = jnp.abs(lateral) > cfg.track_width / 2
         if cfg.num_obstacles:
@@ -528,13 +563,17 @@ class CarTrack(LunarEnv):
         pos, forward = np.asarray(car.pos), np.asarray(car.facing)
         obs = np.asarray(state.obs)
         directions = np.asarray(_ray_directions(cfg, car.facing))
-        for distance, direction in zip(obs[: cfg.num_rays] * cfg.ray_range, directions):
+        for distance, direction in zip(obs[: cfg.num_rays] * cfg.ray_range, directions, strict=True):
             end = pos + distance * direction
             canvas.line(np.stack([pos, end]), fill=(120, 200, 255), width=1)
             canvas.circle(end[0], end[1], 2.0, fill=(120, 200, 255))
         side = np.array([-forward[1], forward[0]])
         size = max(cfg.car_radius, 4.0) * 2
-        body = [pos + size * forward, pos - 0.6 * size * forward + 0.6 * size * side, pos - 0.6 * size * forward - 0.6 * size * side]
+        body = [
+            pos + size * forward,
+            pos - 0.6 * size * forward + 0.6 * size * side,
+            pos - 0.6 * size * forward - 0.6 * size * side,
+        ]
         canvas.polygon(np.stack(body), fill=(250, 250, 250), outline=(20, 20, 20))
         return canvas.to_array()
 
