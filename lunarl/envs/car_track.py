@@ -565,10 +565,10 @@ class CarTrack(LunarEnv):
         directions = np.asarray(_ray_directions(cfg, car.facing))
         for distance, direction in zip(obs[: cfg.num_rays] * cfg.ray_range, directions, strict=True):
             end = pos + distance * direction
-            canvas.line(np.stack([pos, end]), fill=(120, 200, 255), width=1)
-            canvas.circle(end[0], end[1], 2.0, fill=(120, 200, 255))
+            canvas.line(np.stack([pos, end]), fill=(120, 200, 255), width=2)
+            canvas.circle(end[0], end[1], 4.0, fill=(255, 240, 120))
         side = np.array([-forward[1], forward[0]])
-        size = max(cfg.car_radius, 4.0) * 2
+        size = max(cfg.car_radius, 6.0) * 2
         body = [
             pos + size * forward,
             pos - 0.6 * size * forward + 0.6 * size * side,
