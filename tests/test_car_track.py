@@ -230,34 +230,26 @@ def test_track_seed_fixes_the_track(batched):
 
 
 def _reference_rays(cfg, pos, heading, left, right, obstacles):
-    """Brute force in float64 over every edge segment of the loop and every obstacle."""
+    """Brute force in float64 (NumPy) over every edge segment of the loop and every obstacle."""
     spread = math.radians(cfg.ray_spread_deg)
     angles = heading + np.linspace(-spread / 2, spread / 2, cfg.num_rays)
-    dirs = np.stack([np.cos(angles), np.sin(angles)], -1)
-    a = np.concatenate([left, right])
+    d = np.stack([np.cos(angles), np.sin(angles)], -1)[:, None, :]  # [R, 1, 2]
+    a = np.concatenate([left, right])  # [S, 2]
     e = np.concatenate([np.roll(left, -1, 0) - left, np.roll(right, -1, 0) - right])
-    out = []
-    for d in dirs:
-        best = cfg.ray_range
-        for p, v in zip(a, e, strict=True):
-            den = d[0] * v[1] - d[1] * v[0]
-            if abs(den) < 1e-12:
-                continue
-            w = p - pos
-            t = (w[0] * v[1] - w[1] * v[0]) / den
-            u = (w[0] * d[1] - w[1] * d[0]) / den
-            if t >= 0 and 0 <= u <= 1:
-                best = min(best, t)
-        for c in obstacles:
-            f = pos - c
-            b, cc = f @ d, f @ f - cfg.obstacle_radius**2
-            disc = b * b - cc
-            if cc <= 0:
-                best = 0.0
-            elif disc >= 0 and -b - math.sqrt(disc) >= 0:
-                best = min(best, -b - math.sqrt(disc))
-        out.append(best)
-    return np.array(out)
+    w = a - pos
+    den = d[..., 0] * e[:, 1] - d[..., 1] * e[:, 0]  # [R, S]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (w[:, 0] * e[:, 1] - w[:, 1] * e[:, 0]) / den
+        u = (w[:, 0] * d[..., 1] - w[:, 1] * d[..., 0]) / den
+    hit = (np.abs(den) > 1e-12) & (t >= 0) & (u >= 0) & (u <= 1)
+    best = np.where(hit, t, cfg.ray_range).min(-1)
+    f = pos - obstacles  # [C, 2]
+    b = d[:, 0] @ f.T  # [R, C]
+    c = (f * f).sum(-1) - cfg.obstacle_radius**2
+    disc = b * b - c
+    t_circle = np.where(c <= 0, 0.0, -b - np.sqrt(np.maximum(disc, 0.0)))
+    best_circle = np.where((disc >= 0) & (t_circle >= 0), t_circle, cfg.ray_range).min(-1)
+    return np.minimum(best, best_circle)
 
 
 def test_rays_match_a_brute_force_reference(env, cfg, batched):
@@ -292,6 +284,23 @@ def test_rays_match_a_brute_force_reference(env, cfg, batched):
     )
     np.testing.assert_allclose(rays, expected, atol=0.05, rtol=1e-3)
     assert (expected < cfg.ray_range).mean() > 0.5, "most rays should hit something"
+
+
+def test_first_observation_matches_the_brute_force_reference(cfg, batched):
+    # Reset senses through a smaller window (the car faces along the track at the start line).
+    n = 256
+    state = batched["reset"](_keys(8, n))
+    _, left, right = (np.asarray(x, np.float64) for x in batched["polylines"](state.pipeline_state.track))
+    car = state.pipeline_state
+    pos, facing = np.asarray(car.pos, np.float64), np.asarray(car.facing, np.float64)
+    obstacles = np.asarray(car.track.obstacles, np.float64)
+    heading = np.arctan2(facing[:, 1], facing[:, 0])
+    expected = np.stack(
+        [_reference_rays(cfg, pos[i], heading[i], left[i], right[i], obstacles[i]) for i in range(n)]
+    )
+    np.testing.assert_allclose(
+        np.asarray(state.obs)[:, : cfg.num_rays] * cfg.ray_range, expected, atol=0.05, rtol=1e-3
+    )
 
 
 # --------------------------------------------------------------------------------------------

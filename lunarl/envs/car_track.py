@@ -25,7 +25,8 @@ reverse gear). The car starts at rest on the start line, on the centre line, fac
 
 Sensors. ``num_rays`` rays spread evenly over ``ray_spread_deg`` around the heading return the
 distance to the first track edge or obstacle, capped at ``ray_range``. The edges are tested in a
-window of ``ray_window`` segments around the car that slides with the heading (see ``_sense``);
+window of ``ray_window`` segments around the car that slides with the heading
+(see ``_ray_window_start``);
 the default covers everything a ray of length ``ray_range`` can reach on the tracks this
 generator draws (checked in the tests against a brute-force reference over all segments).
 
@@ -73,6 +74,9 @@ __all__ = [
 _PROJECTION_REACH = 3
 # Segments behind the car (relative to the way it faces) included in the ray window.
 _RAY_BACK_REACH = 3
+# Edge segments from vertex -1 tested by the rays at the start pose (checked against brute force
+# on 4,096 tracks).
+_START_RAY_WINDOW = 16
 # Segments kept free of obstacles after and before the start line.
 _START_CLEARANCE = 8
 
@@ -341,16 +345,8 @@ def cast_rays(
     return jnp.min(jnp.concatenate(candidates, -1), axis=-1)
 
 
-def _sense(
-    cfg: CarTrackConfig,
-    track: Track,
-    pos: jax.Array,
-    facing: jax.Array,
-    segment: jax.Array,
-    cos_rel: jax.Array,
-) -> jax.Array:
-    """Ray distances from the car at ``pos`` facing the unit vector ``facing``, against all
-    obstacles and the edges of a window of ``ray_window`` segments around ``segment``.
+def _ray_window_start(cfg: CarTrackConfig, segment: jax.Array, cos_rel: jax.Array) -> jax.Array:
+    """First vertex of the ``ray_window`` edge segments the rays are tested against.
 
     The window slides with ``cos_rel`` (cosine of the heading relative to the track direction):
     facing along the track it starts ``_RAY_BACK_REACH`` segments behind the car, facing across
@@ -359,8 +355,15 @@ def _sense(
     on the track (tests/test_car_track.py checks a sample).
     """
     half = cfg.ray_window / 2
-    first = segment - jnp.round(half - (half - _RAY_BACK_REACH) * cos_rel).astype(jnp.int32)
-    points, tangents = centre_line(cfg, track, first + jnp.arange(cfg.ray_window + 1))
+    return segment - jnp.round(half - (half - _RAY_BACK_REACH) * cos_rel).astype(jnp.int32)
+
+
+def _sense(
+    cfg: CarTrackConfig, track: Track, pos: jax.Array, facing: jax.Array, first: jax.Array, count: int
+) -> jax.Array:
+    """Ray distances from the car at ``pos`` facing the unit vector ``facing``, against all
+    obstacles and the edges of the ``count`` segments that start at vertex ``first``."""
+    points, tangents = centre_line(cfg, track, first + jnp.arange(count + 1))
     left, right = _edges(cfg, points, tangents)
     seg_start = jnp.concatenate([left[:-1], right[:-1]])
     seg_vec = jnp.concatenate([left[1:] - left[:-1], right[1:] - right[:-1]])
@@ -396,14 +399,18 @@ def _project(cfg: CarTrackConfig, track: Track, pos: jax.Array, segment: jax.Arr
 
 
 def _uniforms(key: jax.Array, count: int) -> jax.Array:
-    """``count`` uniforms in [0, 1) with 8-bit resolution, four per 32-bit word.
+    """``count`` uniforms in (0, 1) with 8-bit resolution, four per 32-bit word.
 
     Track generation runs for the whole batch on every auto-reset step and Threefry's cost is per
     word drawn, so few words matter; 256 levels per parameter is plenty for shapes and positions.
     """
     words = jax.random.bits(key, ((count + 3) // 4,), jnp.uint32)
     quarters = jnp.stack([(words >> shift) & 0xFF for shift in (0, 8, 16, 24)], -1).reshape(-1)[:count]
-    return (quarters.astype(jnp.float32) + 0.5) * (1.0 / 256.0)
+    # A true division (by 257, not a power of two, so it is not rewritten as a multiply) on
+    # purpose: XLA's CPU fusion treats division as expensive and so materialises the result,
+    # instead of repeating the bit-unpacking in every fused loop that reads these values (each
+    # track parameter feeds many vertices and rays).
+    return (quarters.astype(jnp.float32) + 1.0) / 257.0
 
 
 def sample_track(cfg: CarTrackConfig, key: jax.Array) -> Track:
@@ -478,7 +485,9 @@ class CarTrack(LunarEnv):
             lateral=zero,
             progress=zero,
         )
-        rays = _sense(cfg, track, car.pos, car.facing, car.segment, jnp.ones(()))
+        # At the start the car faces along the track from the centre line: only the segments ahead
+        # can be hit (the step's window, which allows any heading, would be larger).
+        rays = _sense(cfg, track, car.pos, car.facing, jnp.int32(-1), min(_START_RAY_WINDOW, cfg.ray_window))
         metrics = {"success": zero, "progress": zero, "off_track": zero, "collision": zero}
         return State(
             pipeline_state=car,
@@ -514,7 +523,7 @@ class CarTrack(LunarEnv):
 
         cos_rel = facing[0] * tangent[0] + facing[1] * tangent[1]
         sin_rel = tangent[0] * facing[1] - tangent[1] * facing[0]
-        rays = _sense(cfg, car.track, pos, facing, segment, cos_rel)
+        rays = _sense(cfg, car.track, pos, facing, _ray_window_start(cfg, segment, cos_rel), cfg.ray_window)
         car = car.replace(
             pos=pos,
             facing=facing,
