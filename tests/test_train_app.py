@@ -205,3 +205,20 @@ def test_multirun_gives_each_job_its_own_run_dir(tmp_path, app_env):
     assert [c["seed"] for c in configs] == [0, 1]
     assert [c["run"]["dir"] for c in configs] == [str(sweep / "0"), str(sweep / "1")]
     assert configs[0]["logger"]["wandb"]["group"] == configs[1]["logger"]["wandb"]["group"] == "rover_smoke"
+
+
+@pytest.mark.slow
+def test_seeds_split_over_devices_and_restore_on_one(tmp_path, app_env):
+    """Two CPU devices (XLA's host-device flag) carry one seed each; the checkpoint written there
+    restores in this single-device process."""
+    run_dir = tmp_path / "two_devices"
+    env = {**app_env, "XLA_FLAGS": app_env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
+    args = [*SMOKE, "num_seeds=2", "run.total_env_steps=1280", "run.eval_every=0", f"run.dir={run_dir}"]
+    proc = subprocess.run([sys.executable, "-m", "lunarl.train", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 seeds split over 2 devices" in proc.stdout
+    step, state = restore_final(run_dir / "checkpoints")
+    assert step == 5 and state.iteration.shape == (2,)
+    params = jax.tree.leaves(state.params)
+    assert all(np.all(np.isfinite(p)) for p in params)
+    assert not np.array_equal(params[0][0], params[0][1])  # two different seeds

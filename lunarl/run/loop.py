@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lunarl.run.checkpoint import Checkpoints
 from lunarl.run.logger import RunLogger
@@ -30,6 +31,7 @@ __all__ = [
     "TrainingDiverged",
     "TrainResult",
     "abstract_state",
+    "seed_sharding",
     "eval_row",
     "init_state",
     "make_chunk",
@@ -62,14 +64,27 @@ def seed_keys(seed: int, num_seeds: int) -> jax.Array:
     return jax.random.split(jax.random.PRNGKey(seed), num_seeds)
 
 
+def seed_sharding(num_seeds: int) -> jax.sharding.Sharding:
+    """Where the TrainState lives: the seed axis split over this host's devices when it divides
+    evenly (seeds never communicate, so this scales with no collective), else one device."""
+    devices = jax.local_devices()
+    if len(devices) > 1 and num_seeds % len(devices) == 0:
+        return NamedSharding(Mesh(np.array(devices), ("seed",)), PartitionSpec("seed"))
+    return SingleDeviceSharding(devices[0])
+
+
 def init_state(agent: ModuleType, env: Any, cfg: Any, keys: jax.Array) -> Any:
-    """The seeds' TrainStates, stacked on a leading seed axis."""
-    return jax.jit(jax.vmap(lambda k: agent.init(k, env, cfg)))(keys)
+    """The seeds' TrainStates, stacked on a leading seed axis, placed by ``seed_sharding``."""
+    init = jax.jit(jax.vmap(lambda k: agent.init(k, env, cfg)), out_shardings=seed_sharding(keys.shape[0]))
+    return init(keys)
 
 
 def abstract_state(agent: ModuleType, env: Any, cfg: Any, num_seeds: int) -> Any:
-    """Shapes and dtypes of ``init_state`` without computing it: the Orbax restore target."""
-    return jax.eval_shape(jax.vmap(lambda k: agent.init(k, env, cfg)), seed_keys(0, num_seeds))
+    """Shapes, dtypes and shardings of ``init_state`` without computing it: the Orbax restore
+    target (explicit shardings, so a checkpoint written on other devices restores here)."""
+    shapes = jax.eval_shape(jax.vmap(lambda k: agent.init(k, env, cfg)), seed_keys(0, num_seeds))
+    sharding = seed_sharding(num_seeds)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -204,6 +219,9 @@ def train(plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogge
             params = jax.vmap(agent.policy_params)(ts)
             evaluator = make_evaluator(agent, env, agent_cfg, cfg.run.eval_episodes)
             evaluator = evaluator.lower(params, eval_keys(cfg.seed, 0, num_seeds)).compile()
+        placement = seed_sharding(num_seeds)
+        if len(placement.device_set) > 1:
+            logger.print(f"{num_seeds} seeds split over {len(placement.device_set)} devices")
         logger.print(
             f"{plan.env_name} x {agent_cfg.num_envs} envs x {num_seeds} seed(s), {plan.agent_name}: "
             f"{total} iterations of {plan.steps_per_iteration:,} env steps in chunks of {chunk_len} "
