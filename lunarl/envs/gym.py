@@ -1,4 +1,8 @@
-"""Gymnasium adapter: one lunarl env, one episode at a time, for SB3 and other outside tools.
+"""Gymnasium adapters for SB3 and other outside tools.
+
+* ``LunarGymEnv``: one env, one episode at a time (the ids ``lunarl/Rover-v0`` etc.).
+* ``LunarVectorEnv``: ``num_envs`` envs stepped as one jitted, vmapped call, with the same
+  wrappers agents train on (episode limit, auto-reset), in Gymnasium's same-step autoreset mode.
 
 The JAX env's ``reset`` and ``step`` are jitted once per adapter; every call crosses to the host,
 so this is for compatibility, not speed (``scripts/bench_envs.py`` shows the gap). Episodes are
@@ -14,7 +18,7 @@ import jax
 import numpy as np
 from gymnasium import spaces
 
-from lunarl.envs import make
+from lunarl.envs import make, wrap_for_training
 
 #: Gymnasium id -> lunarl env name.
 GYMNASIUM_IDS = {
@@ -73,6 +77,61 @@ class LunarGymEnv(gymnasium.Env):
         if self.render_mode != "rgb_array" or self._state is None:
             return None
         return self.env.render(self._state)
+
+
+class LunarVectorEnv(gymnasium.vector.VectorEnv):
+    """``num_envs`` copies of a lunarl env as a Gymnasium vector env (same-step autoreset).
+
+    A finished env's observation is already the first one of its next episode; the last
+    observation of the finished episode is in ``infos["final_obs"]`` (masked by
+    ``infos["_final_obs"]``), as Gymnasium's ``AutoresetMode.SAME_STEP`` prescribes.
+    """
+
+    metadata = {"autoreset_mode": gymnasium.vector.AutoresetMode.SAME_STEP}
+
+    def __init__(self, env_name: str, num_envs: int, max_episode_steps: int | None = None, **overrides: Any):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.env = make(env_name, **overrides)
+        self.num_envs = num_envs
+        self._wrapped = wrap_for_training(self.env, max_episode_steps or self.env.default_episode_length)
+        self.single_observation_space = spaces.Box(
+            -np.inf, np.inf, shape=(self.env.observation_size,), dtype=np.float32
+        )
+        self.single_action_space = spaces.Box(-1.0, 1.0, shape=(self.env.action_size,), dtype=np.float32)
+        self.observation_space = gymnasium.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gymnasium.vector.utils.batch_space(self.single_action_space, num_envs)
+        self._reset = jax.jit(self._wrapped.reset)
+        self._step = jax.jit(self._wrapped.step)
+        self._state = None
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self._np_random_seed = seed
+        base = int(self._np_random.integers(0, 2**31 - 1)) if seed is None else seed
+        self._state = self._reset(jax.random.split(jax.random.PRNGKey(base), self.num_envs))
+        return np.asarray(self._state.obs, dtype=np.float32), {}
+
+    def step(self, actions):
+        if self._state is None:
+            raise RuntimeError("call reset() before step()")
+        actions = np.clip(np.asarray(actions, dtype=np.float32), -1.0, 1.0).reshape(self.action_space.shape)
+        self._state = self._step(self._state, actions)
+        done = np.asarray(self._state.done, dtype=bool)
+        truncated = done & np.asarray(self._state.info["truncation"], dtype=bool)
+        terminated = done & ~truncated
+        infos: dict[str, Any] = {k: np.asarray(v) for k, v in self._state.metrics.items()}
+        if done.any():
+            infos["final_obs"] = np.asarray(self._state.info["final_obs"], dtype=np.float32)
+            infos["_final_obs"] = done
+        obs = np.asarray(self._state.obs, dtype=np.float32)
+        return obs, np.asarray(self._state.reward, dtype=np.float32), terminated, truncated, infos
+
+
+def make_vector_env(gym_id_or_name: str, num_envs: int, **kwargs: Any) -> LunarVectorEnv:
+    """A ``LunarVectorEnv`` from a Gymnasium id (``lunarl/Rover-v0``) or an env name (``rover``)."""
+    return LunarVectorEnv(GYMNASIUM_IDS.get(gym_id_or_name, gym_id_or_name), num_envs, **kwargs)
 
 
 def register_gymnasium_envs() -> None:
