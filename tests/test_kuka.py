@@ -16,7 +16,7 @@ from gymnasium.utils.env_checker import check_env
 
 import lunarl
 from lunarl.envs import wrap_for_training
-from lunarl.envs.kuka import KukaConfig, mujoco_reference_steps_per_second, reward_terms, sample_layout
+from lunarl.envs.kuka import Kuka, KukaConfig, mujoco_reference_steps_per_second, reward_terms, sample_layout
 
 
 @pytest.fixture(scope="module")
@@ -274,6 +274,7 @@ def test_mjx_matches_c_mujoco_on_a_short_trajectory(env, fns):
     np.testing.assert_allclose(mjx_qpos[:9], d.qpos[:9], atol=1e-4)  # arm and fingers
     np.testing.assert_allclose(mjx_qpos[9:12], d.qpos[9:12], atol=1e-4)  # cube position
     tcp = env.mj_model.site("tcp").id
+    mujoco.mj_kinematics(m, d)  # mj_step leaves site positions at the start of its last step
     np.testing.assert_allclose(env.mj_data(state).site_xpos[tcp], d.site_xpos[tcp], atol=1e-4)
 
 
@@ -309,6 +310,24 @@ def test_training_wrapper_batches_and_auto_resets(env):
 def test_gymnasium_checker():
     gym_env = gymnasium.make("lunarl/Kuka-v0").unwrapped
     check_env(gym_env, skip_render_check=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_reach_task_pays_success_without_terminating():
+    reach = Kuka(task="reach")
+    reset, step = jax.jit(reach.reset), jax.jit(reach.step)
+    state = reset(jax.random.PRNGKey(0))
+    cube_body = reach.mj_model.body("cube").id
+    successes = 0
+    for _ in range(reach.default_episode_length):
+        d = reach.mj_data(state)
+        action, _ = _ik_action(reach, d, d.xpos[cube_body] + [0.0, 0.0, 0.03], gripper=1.0)
+        state = step(state, jnp.asarray(action))
+        successes += int(float(state.metrics["success"]))
+        assert float(state.done) == 0.0
+    assert successes > 20 and float(state.reward) > reach.config.success_bonus
+    assert float(state.metrics["tcp_to_cube"]) < reach.config.success_radius
 
 
 @pytest.mark.timeout(120)
