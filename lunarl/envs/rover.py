@@ -319,9 +319,10 @@ def _layout_uniforms(key: jax.Array, n: int) -> jax.Array:
 # XLA:CPU notes, measured on the 2-core dev CPU with jax 0.10.2 (vmapped over 4,096 arenas):
 # ``lax.top_k`` lowers to a per-row TopK library call (~300 ns per row of 15), a reduce over a
 # short minor axis goes through a library fusion (~12 ns per row of 7), and ``atan2`` is a scalar
-# libm call (~40 ns per element). An unrolled chain of elementwise ops over the (static, small)
-# object axis fuses into the surrounding loop and vectorises across the batch instead, so the
-# helpers below reduce and select that way, and bearings use a polynomial ``atan2``.
+# libm call (~40 ns per element). Elementwise ops fuse and vectorise across the batch, so the
+# sensor ranks objects by pairwise comparisons, reduces over the short object axis with
+# unrolled chains of elementwise ops, and bearings use a polynomial ``atan2``. Every
+# intermediate of those chains has a single consumer, so XLA fuses them without duplicating work.
 
 
 def _fold(x: jax.Array, op) -> jax.Array:
@@ -332,18 +333,16 @@ def _fold(x: jax.Array, op) -> jax.Array:
     return out
 
 
-def _pop_nearest(d2: jax.Array, payloads: tuple[jax.Array, ...]) -> tuple[jax.Array, list[jax.Array], jax.Array]:
-    """The smallest ``d2`` along the last axis (first index on ties), the payloads at it, and ``d2`` with it set to inf."""
-    m = _fold(d2, jnp.minimum)
-    taken = jnp.zeros(m.shape, bool)
-    picked = [jnp.zeros(m.shape, p.dtype) for p in payloads]
-    rest = []
-    for i in range(d2.shape[-1]):
-        hit = (d2[..., i] == m) & ~taken
-        taken = taken | hit
-        picked = [jnp.where(hit, p[..., i], q) for p, q in zip(payloads, picked)]
-        rest.append(jnp.where(hit, jnp.inf, d2[..., i]))
-    return m, picked, jnp.stack(rest, axis=-1)
+def _unique_keys(d2: jax.Array, valid: jax.Array) -> jax.Array:
+    """Int32 sort keys of squared distances: same order as ``d2`` (invalid last), unique per object.
+
+    Non-negative float32s order like their bit patterns; the low bits are replaced by the object
+    index, so ties (and near-ties closer than ~1e-6 relative) break toward the lower index.
+    """
+    n = d2.shape[-1]
+    bits = max(1, (n - 1).bit_length())
+    raw = jax.lax.bitcast_convert_type(jnp.where(valid, d2, jnp.inf), jnp.int32)
+    return ((raw >> bits) << bits) | jnp.arange(n, dtype=jnp.int32)
 
 
 def _atan2(y: jax.Array, x: jax.Array) -> jax.Array:
@@ -361,17 +360,36 @@ def _atan2(y: jax.Array, x: jax.Array) -> jax.Array:
 def _nearest_detections(fwd: jax.Array, left: jax.Array, visible: jax.Array, k: int, sentinel: float) -> jax.Array:
     """(distance, bearing) of the ``k`` nearest visible objects, nearest first, flattened to [2k].
 
-    ``fwd``/``left`` are object offsets in the rover frame. ``k`` rounds of "pop the nearest"
-    (a partial selection, no sort); square roots and bearings only for the selected few.
+    ``fwd``/``left`` are object offsets in the rover frame. Slot j is the object with the
+    smallest unique key above slot j-1's (a partial selection, no sort); distances and bearings
+    are computed for the selected objects only. The slots are a rolled ``scan`` so that its
+    operands are computed once: XLA:CPU would otherwise re-derive them inside every slot's fusion.
     """
-    d2 = jnp.where(visible, fwd * fwd + left * left, jnp.inf)
-    pairs = []
-    for _ in range(min(k, d2.shape[-1])):
-        m, (f, lt), d2 = _pop_nearest(d2, (fwd, left))
-        found = m < jnp.inf
-        pairs += [jnp.where(found, jnp.sqrt(m), sentinel), jnp.where(found, _atan2(lt, f), 0.0)]
-    pairs += [jnp.float32(sentinel), jnp.float32(0.0)] * (k - len(pairs) // 2)
-    return jnp.stack(jnp.broadcast_arrays(*pairs), axis=-1)
+    n = fwd.shape[-1]
+    kk = min(k, n)
+    pad = jnp.tile(jnp.array([sentinel, 0.0], jnp.float32), k - kk)
+    if kk == 0:
+        return pad
+    key = _unique_keys(fwd * fwd + left * left, visible)
+    no_key = jnp.iinfo(jnp.int32).max  # above every key
+
+    def next_nearest(last: jax.Array, _) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+        m = _fold(jnp.where(key > last[..., None], key, no_key), jnp.minimum)
+        slot = key == m[..., None]  # exactly one object: keys are unique
+        return m, (m, _fold(jnp.where(slot, fwd, 0.0), jnp.add), _fold(jnp.where(slot, left, 0.0), jnp.add))
+
+    _, (m, f, lt) = jax.lax.scan(next_nearest, jnp.full(key.shape[:-1], -1, jnp.int32), None, length=kk)
+    found = _key_is_finite(m, n)
+    dist = jnp.where(found, jnp.sqrt(f * f + lt * lt), sentinel)
+    bearing = jnp.where(found, _atan2(lt, f), 0.0)
+    return jnp.concatenate([jnp.stack([dist, bearing], axis=-1).reshape(-1), pad])
+
+
+def _key_is_finite(key: jax.Array, n: int) -> jax.Array:
+    """Whether a ``_unique_keys`` key (of an ``n``-object axis) belongs to a valid object."""
+    bits = max(1, (n - 1).bit_length())
+    inf_bits = jax.lax.bitcast_convert_type(jnp.float32(jnp.inf), jnp.int32)
+    return (key >> bits) < (inf_bits >> bits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,7 +508,7 @@ class Rover(LunarEnv):
         c: RoverConfig = self.config
         ps: RoverState = state.pipeline_state
         action = jnp.clip(action, -1.0, 1.0)
-        moved, rock_hit, wall_hit = self._drive(ps, action[0], action[1])
+        moved, (hx, hy), rock_hit, wall_hit = self._drive(ps, action[0], action[1])
 
         # Digging happens at the end pose.
         zones = self.zones
@@ -499,13 +517,15 @@ class Rover(LunarEnv):
         in_excavation = zone == EXCAVATION
         dig = action[2] > 0.5
         holding = ps.holding
-        front_x = moved.x + self._half_len * jnp.cos(moved.heading)
-        front_y = moved.y + self._half_len * jnp.sin(moved.heading)
+        front_x = moved.x + self._half_len * hx
+        front_y = moved.y + self._half_len * hy
         orb_d2 = jnp.where(ps.orb_alive, (ps.orb_x - front_x) ** 2 + (ps.orb_y - front_y) ** 2, jnp.inf)
-        nearest_d2, _, others = _pop_nearest(orb_d2, ())
-        collected = dig & ~holding & (nearest_d2 <= c.dig_reach**2)
+        in_reach = _fold(orb_d2 <= c.dig_reach**2, jnp.logical_or)  # dead orbs have inf
+        key = _unique_keys(orb_d2, ps.orb_alive)
+        nearest = key == _fold(key, jnp.minimum)[..., None]  # exactly one orb
+        collected = dig & ~holding & in_reach
         deposited = dig & holding & in_construction
-        orb_alive = ps.orb_alive & ~(collected & (others != orb_d2))  # the popped orb disappears
+        orb_alive = ps.orb_alive & ~(collected & nearest)  # the nearest orb disappears
 
         entered_excavation = in_excavation & ~ps.visited_excavation
         entered_construction = in_construction & holding & ~ps.visited_construction
@@ -540,15 +560,15 @@ class Rover(LunarEnv):
         done = deposited & c.terminate_on_deposit
         return state.replace(
             pipeline_state=ps,
-            obs=self.observe(ps, zone),
+            obs=self.observe(ps, zone, (hx, hy)),
             reward=reward,
             done=done.astype(jnp.float32),
             # Keep keys that wrappers added (Brax's trainers add e.g. "reward").
             metrics={**state.metrics, **self._metrics(ps)},
         )
 
-    def _drive(self, ps: RoverState, speed: jax.Array, turn: jax.Array) -> tuple[RoverState, jax.Array, jax.Array]:
-        """One action of driving; returns (state, rock_hit, wall_hit).
+    def _drive(self, ps: RoverState, speed: jax.Array, turn: jax.Array):
+        """One action of driving; returns (state, heading unit vector, rock_hit, wall_hit).
 
         ``substeps`` Euler steps of the drive with friction and wall bounces, then one rock
         contact resolution at the end pose (see ``_resolve_rocks``), then the walls once more.
@@ -590,7 +610,7 @@ class Rover(LunarEnv):
         x, y, vx, vy, hit = self._walls(x, y, vx, vy, hx, hy)
         heading = _wrap_angle(ps.heading + c.substeps * dh)
         moved = ps.replace(x=x, y=y, vx=vx, vy=vy, heading=heading, omega=w)
-        return moved, rock_hit, wall_hit | hit
+        return moved, (hx, hy), rock_hit, wall_hit | hit
 
     def _walls(self, x, y, vx, vy, hx, hy):
         """Clamp the rotated rectangle into the arena and reflect the velocity off the walls it hit."""
@@ -640,12 +660,14 @@ class Rover(LunarEnv):
 
     # -- observation ---------------------------------------------------------------------------
 
-    def observe(self, ps: RoverState, zone: jax.Array | None = None) -> jax.Array:
-        """The 28-float observation of a physical state (``zone`` if already known)."""
+    def observe(
+        self, ps: RoverState, zone: jax.Array | None = None, heading_vec: tuple[jax.Array, jax.Array] | None = None
+    ) -> jax.Array:
+        """The 28-float observation of a physical state (``zone`` and the heading's unit vector if already known)."""
         c: RoverConfig = self.config
         if zone is None:
             zone = self.zones.zone_id(ps.x, ps.y)
-        hx, hy = jnp.cos(ps.heading), jnp.sin(ps.heading)
+        hx, hy = (jnp.cos(ps.heading), jnp.sin(ps.heading)) if heading_vec is None else heading_vec
 
         def frame(ox: jax.Array, oy: jax.Array, alive: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
             rx, ry = ox - ps.x, oy - ps.y

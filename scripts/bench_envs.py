@@ -1,0 +1,266 @@
+"""Environment throughput: jitted, vmapped lunarl envs against the single-env Gymnasium adapter.
+
+For each ``num_envs`` it compiles one ``lax.scan`` of ``--steps`` env steps with the random
+actions drawn inside the scan (so their cost is included), then times ``--repeats`` runs that
+continue from the previous state, and reports the median (and best) env steps per second.
+Two stacks are measured:
+
+* ``wrapped``: ``wrap_for_training`` (vmap -> episode limit -> auto-reset with a fresh
+  randomised reset every step, what agents train on), and
+* ``raw``: ``jax.vmap(env.step)`` alone (finished episodes keep stepping; no resets).
+
+Compile time is the ahead-of-time ``lower().compile()`` of the scan. The Gymnasium adapter
+(``gymnasium.make("lunarl/<Env>-v0")``, one env, host round-trip per step) is timed for
+comparison. For env modules that expose ``mujoco_reference_steps_per_second(env, num_steps)``
+(kuka) the C MuJoCo rate is measured too and the MJX/C-MuJoCo ratio printed.
+
+    python scripts/bench_envs.py                                  # rover, 1..16384 envs
+    python scripts/bench_envs.py --env car_track --num-envs 1024,4096 --repeats 3
+    python scripts/bench_envs.py --xla-cpu-fusion-emitters on     # compare the XLA flag
+
+Results go to ``--out`` (default ``bench_results/bench_envs.json``). Numbers from a shared
+machine are noisy: quote medians and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+CPU_DEFAULT_NUM_ENVS = (1, 64, 1024, 4096, 16384)
+ACCELERATOR_DEFAULT_NUM_ENVS = (1, 64, 1024, 4096, 16384, 65536, 262144)
+FUSION_FLAG = "--xla_cpu_use_fusion_emitters"
+
+
+def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", default="rover", help="registered env name (rover, car_track, kuka, ...)")
+    p.add_argument("--num-envs", default=None, help="comma-separated batch sizes (default: 1..16384 on CPU, up to 262144 on GPU)")
+    p.add_argument("--steps", type=int, default=200, help="env steps per timed scan")
+    p.add_argument("--repeats", type=int, default=5, help="timed scans per setting; the median is reported")
+    p.add_argument("--modes", default="wrapped,raw", help="comma-separated subset of: wrapped, raw")
+    p.add_argument("--episode-length", type=int, default=None, help="episode limit of the wrapped stack (default: the env's)")
+    p.add_argument("--gym-steps", type=int, default=2000, help="steps timed through the Gymnasium adapter (0 to skip)")
+    p.add_argument("--reference-steps", type=int, default=2000, help="steps of the C MuJoCo reference where the env has one (0 to skip)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="env config override (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--xla-cpu-fusion-emitters",
+        choices=("on", "off", "default"),
+        default="default",
+        help="set XLA's CPU fusion emitters before JAX starts (lunarl turns them off by default, for MJX)",
+    )
+    p.add_argument("--out", default="bench_results/bench_envs.json", help="JSON results file")
+    return p.parse_args(argv)
+
+
+def _configure_xla(choice: str) -> None:
+    """Must run before JAX initialises its backend (i.e. before ``import jax``)."""
+    if choice == "default":
+        return
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(FUSION_FLAG)]
+    flags.append(f"{FUSION_FLAG}={'true' if choice == 'on' else 'false'}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def _parse_overrides(items: list[str], config_cls: type) -> dict[str, Any]:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_cls)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        hint = hints[key]
+        if hint is bool:
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        elif hint in (int, float, str):
+            out[key] = hint(value)
+        else:
+            out[key] = json.loads(value)
+    return out
+
+
+def bench_jax(env, num_envs: int, steps: int, repeats: int, mode: str, episode_length: int | None, seed: int) -> dict[str, Any]:
+    """Median env steps/s of a jitted scan over ``steps`` batched steps with in-scan random actions."""
+    import jax
+
+    from lunarl.envs import wrap_for_training
+
+    if mode == "wrapped":
+        stack = wrap_for_training(env, episode_length=episode_length)
+        reset_fn, step_fn = stack.reset, stack.step
+    elif mode == "raw":
+        reset_fn, step_fn = jax.vmap(env.reset), jax.vmap(env.step)
+    else:
+        raise ValueError(f"unknown mode {mode!r}; expected 'wrapped' or 'raw'")
+
+    def rollout(state, key):
+        def body(carry, _):
+            state, key = carry
+            key, action_key = jax.random.split(key)
+            action = jax.random.uniform(action_key, (num_envs, env.action_size), minval=-1.0, maxval=1.0)
+            return (step_fn(state, action), key), None
+
+        (state, key), _ = jax.lax.scan(body, (state, key), None, length=steps)
+        return state, key
+
+    key = jax.random.PRNGKey(seed)
+    key, reset_key = jax.random.split(key)
+    state = jax.block_until_ready(jax.jit(reset_fn)(jax.random.split(reset_key, num_envs)))
+    t0 = time.perf_counter()
+    compiled = jax.jit(rollout, donate_argnums=0).lower(state, key).compile()
+    compile_s = time.perf_counter() - t0
+    state, key = jax.block_until_ready(compiled(state, key))  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, key = jax.block_until_ready(compiled(state, key))
+        times.append(time.perf_counter() - t0)
+    n = num_envs * steps
+    return {
+        "mode": mode,
+        "num_envs": num_envs,
+        "steps_per_scan": steps,
+        "repeats": repeats,
+        "compile_s": compile_s,
+        "median_s": statistics.median(times),
+        "steps_per_s": n / statistics.median(times),
+        "best_steps_per_s": n / min(times),
+        "times_s": times,
+    }
+
+
+def bench_gym(env_name: str, num_steps: int, seed: int, overrides: dict[str, Any]) -> dict[str, Any] | None:
+    """Steps/s of the single-env Gymnasium adapter (host round-trip per step), compile excluded."""
+    import gymnasium
+
+    import lunarl  # noqa: F401  (registers the ids)
+    from lunarl.envs.gym import GYMNASIUM_IDS
+
+    ids = [gid for gid, name in GYMNASIUM_IDS.items() if name == env_name]
+    if not ids or num_steps <= 0:
+        return None
+    env = gymnasium.make(ids[0], **overrides)
+    env.action_space.seed(seed)
+    env.reset(seed=seed)
+    for _ in range(5):  # compiles reset/step
+        env.step(env.action_space.sample())
+    env.reset(seed=seed + 1)
+    t0 = time.perf_counter()
+    for _ in range(num_steps):
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            env.reset()
+    elapsed = time.perf_counter() - t0
+    env.close()
+    return {"gym_id": ids[0], "steps": num_steps, "steps_per_s": num_steps / elapsed}
+
+
+def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
+    headers = ["mode", "num_envs", "median steps/s", "best steps/s", "compile s"]
+    cells = [
+        [r["mode"], f"{r['num_envs']:,}", f"{r['steps_per_s']:,.0f}", f"{r['best_steps_per_s']:,.0f}", f"{r['compile_s']:.1f}"]
+        for r in rows
+    ]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for h in headers:
+            table.add_column(h, justify="right")
+        for row in cells:
+            table.add_row(*row)
+        Console().print(table)
+    except ImportError:
+        widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
+        print(title)
+        print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+        for row in cells:
+            print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parse_args(argv)
+    _configure_xla(args.xla_cpu_fusion_emitters)
+
+    import importlib
+
+    import jax
+
+    import lunarl
+
+    env_cls = lunarl.envs.env_class(args.env)
+    overrides = _parse_overrides(args.set, env_cls.config_cls)
+    env = lunarl.envs.make(args.env, **overrides)
+    backend = jax.default_backend()
+    if args.num_envs:
+        sizes = [int(s) for s in args.num_envs.split(",") if s]
+    else:
+        sizes = list(CPU_DEFAULT_NUM_ENVS if backend == "cpu" else ACCELERATOR_DEFAULT_NUM_ENVS)
+    modes = [m for m in args.modes.split(",") if m]
+
+    rows = []
+    for mode in modes:
+        for n in sizes:
+            row = bench_jax(env, n, args.steps, args.repeats, mode, args.episode_length, args.seed)
+            rows.append(row)
+            print(f"{args.env} {mode:7s} num_envs={n:>7,}: {row['steps_per_s']:>13,.0f} steps/s (median of {args.repeats}), compile {row['compile_s']:.1f} s", flush=True)
+
+    gym = bench_gym(args.env, args.gym_steps, args.seed, overrides)
+    reference = None
+    ref_fn = getattr(importlib.import_module(type(env).__module__), "mujoco_reference_steps_per_second", None)
+    if ref_fn is not None and args.reference_steps > 0:
+        ref_sps = float(ref_fn(env, args.reference_steps))
+        best_jax = max(r["steps_per_s"] for r in rows) if rows else float("nan")
+        reference = {"name": "C MuJoCo (mujoco.mj_step, one thread)", "steps_per_s": ref_sps, "jax_over_reference": best_jax / ref_sps}
+
+    _print_table(f"{args.env}: env steps/s on {backend} ({jax.devices()[0].device_kind}), {args.steps} steps per scan, median of {args.repeats}", rows)
+    if gym:
+        print(f"Gymnasium adapter {gym['gym_id']}: {gym['steps_per_s']:,.0f} steps/s (one env, {gym['steps']} steps)")
+        if rows:
+            best = max(rows, key=lambda r: r["steps_per_s"])
+            print(f"  best jitted/vmapped ({best['mode']}, {best['num_envs']:,} envs) is {best['steps_per_s'] / gym['steps_per_s']:,.0f}x the adapter")
+    if reference:
+        print(f"{reference['name']}: {reference['steps_per_s']:,.0f} steps/s; best MJX / C MuJoCo = {reference['jax_over_reference']:.2f}")
+
+    result = {
+        "env": args.env,
+        "config": {k: getattr(env.config, k) for k in env.config.__dataclass_fields__},
+        "results": rows,
+        "gym": gym,
+        "reference": reference,
+        "machine": {
+            "backend": backend,
+            "device": jax.devices()[0].device_kind,
+            "num_devices": jax.device_count(),
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": sys.version.split()[0],
+            "jax": jax.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        },
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "args": vars(args),
+    }
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
