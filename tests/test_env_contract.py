@@ -18,9 +18,16 @@ LONG_ROLLOUT = {"kuka": (8, 300)}
 DEFAULT_LONG_ROLLOUT = (256, 1000)
 
 ENVS = lunarl.envs.registered()
+# MJX compiles take about a minute each on a CPU; tests/test_kuka.py checks the same properties
+# for kuka within the default suite, so the generic checks on kuka run with the slow tests.
+ENV_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n == "kuka" else n for n in ENVS]
 
 
-@pytest.fixture(scope="module", params=ENVS)
+def test_all_envs_are_registered():
+    assert set(ENVS) == {"rover", "car_track", "kuka"}
+
+
+@pytest.fixture(scope="module", params=ENV_PARAMS)
 def env(request):
     return lunarl.envs.make(request.param)
 

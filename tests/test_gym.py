@@ -16,7 +16,9 @@ def test_ids_are_registered_on_import():
         assert gym_id in gymnasium.registry
 
 
-@pytest.mark.parametrize("gym_id", AVAILABLE)
+@pytest.mark.parametrize(
+    "gym_id", [pytest.param(g, marks=pytest.mark.slow) if g == "lunarl/Kuka-v0" else g for g in AVAILABLE]
+)
 def test_check_env_passes(gym_id):
     env = gymnasium.make(gym_id)
     check_env(env.unwrapped, skip_render_check=True)
