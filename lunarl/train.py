@@ -70,9 +70,7 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
         _remove_if_empty_run(run_dir)
         fail(str(e))
     config = OmegaConf.to_container(cfg, resolve=True)
-    # Hydra's .hydra/config.yaml keeps the interpolations; this is the config as it ran.
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(config), run_dir / "config.yaml")
 
     import jax
 

@@ -163,6 +163,17 @@ def test_bad_overrides_exit_nonzero_naming_the_culprit(override, culprit, tmp_pa
     assert not run_dir.exists()  # nothing left behind for a run that never started
 
 
+def test_resume_with_a_different_network_is_refused(finished_run, tmp_path, app_env):
+    before = sorted(p.name for p in (finished_run / "checkpoints" / "latest").iterdir())
+    resolved = (finished_run / "config.yaml").read_text()
+    proc = run_app(app_env, "lunarl.train", *SMOKE, "agent.policy_hidden=[64,64]", f"run.dir={finished_run}", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1
+    assert "agent.policy_hidden: [32, 32] (checkpoint) vs [64, 64] (now)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (finished_run / "checkpoints" / "latest").iterdir()) == before
+    assert (finished_run / "config.yaml").read_text() == resolved
+
+
 def test_evaluate_a_finished_run(finished_run, app_env, tmp_path):
     proc = run_app(
         app_env, "lunarl.evaluate", f"run.dir={finished_run}", "checkpoint=best", "eval.episodes=8", "eval.video=true", cwd=tmp_path

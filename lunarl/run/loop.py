@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from omegaconf import OmegaConf
 
 from lunarl.run.checkpoint import Checkpoints
 from lunarl.run.logger import RunLogger
@@ -206,6 +207,9 @@ def train(plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogge
         else:
             start = 0
             ts = init_state(agent, env, agent_cfg, seed_keys(cfg.seed, num_seeds))
+        # Only now (a refused resume must not touch it): the config as it runs, resolved.
+        # Hydra's .hydra/config.yaml keeps the interpolations.
+        OmegaConf.save(OmegaConf.create(dict(config)), run_dir / "config.yaml")
         iteration = start
         logger.console.start_at(start * plan.steps_per_iteration)
         if iteration >= total:
