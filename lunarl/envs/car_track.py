@@ -371,7 +371,9 @@ def _sense(
     return cast_rays(cfg, pos, directions, seg_start, seg_vec, track.obstacles, cfg.obstacle_radius)
 
 
-def _project(cfg: CarTrackConfig, track: Track, pos: jax.Array, segment: jax.Array, fraction: jax.Array):
+def _project(
+    cfg: CarTrackConfig, track: Track, pos: jax.Array, segment: jax.Array, fraction: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Project ``pos`` onto the centre-line segments near ``segment``.
 
     Returns the new (segment, fraction, signed lateral offset, unit tangent there) and the signed
@@ -539,7 +541,9 @@ class CarTrack(LunarEnv):
             - cfg.crash_penalty * crashed.astype(jnp.float32)
             + cfg.lap_bonus * lap.astype(jnp.float32)
         )
+        # Keep metrics that wrappers (e.g. Brax's trainers) may have added.
         metrics = {
+            **state.metrics,
             "success": lap.astype(jnp.float32),
             "progress": progress / cfg.num_points,
             "off_track": off_track.astype(jnp.float32),
