@@ -13,7 +13,8 @@ between them. ``track_seed`` fixes one track for every episode; ``None`` draws o
 
 A track is stored as its ``2 * num_harmonics`` coefficients plus the obstacle centres, not as
 polylines: vertices are recomputed on demand, and only for the few segments near the car, from
-a constant table of ``cos(k theta_i), sin(k theta_i)`` (a few multiply-adds per vertex). This
+a constant table of ``cos(k theta_i), sin(k theta_i)`` (one row per window, rotated to the other
+vertices: a few multiply-adds per vertex). This
 keeps both ``step`` and ``reset`` (which the auto-reset wrapper runs for the whole batch on every
 step) cheap; neither evaluates a trigonometric function (XLA's CPU fusion would otherwise repeat
 them in every fused loop that broadcasts their result).
@@ -268,6 +269,39 @@ def centre_line(cfg: CarTrackConfig, track: Track, index: jax.Array) -> tuple[ja
     return jnp.stack([x, y], -1), jnp.stack([dx * inv_norm, dy * inv_norm], -1)
 
 
+def centre_window(
+    cfg: CarTrackConfig, track: Track, first: jax.Array, count: int
+) -> tuple[jax.Array, jax.Array]:
+    """``centre_line`` at the consecutive vertices ``first .. first + count - 1``.
+
+    One table row (at ``first``) is looked up; the other vertices' harmonics follow by rotating it
+    through the constant angles ``m * 2 pi / num_points``, which is cheaper than a lookup per vertex.
+    """
+    K = cfg.num_harmonics
+    row = jnp.asarray(_harmonic_table(cfg))[jnp.mod(first, cfg.num_points)]
+    step = np.arange(count) * (2 * np.pi / cfg.num_points)
+    cos_m, sin_m = np.cos(step).astype(np.float32), np.sin(step).astype(np.float32)
+    cos_t = row[0] * cos_m - row[1] * sin_m
+    sin_t = row[1] * cos_m + row[0] * sin_m
+    scale, dscale = 1.0, 0.0
+    for k in range(K):
+        a, b = track.cos_coef[k], track.sin_coef[k]
+        ck, sk = row[2 + k], row[2 + K + k]
+        # z = (a - i b) exp(i k t0); harmonic k at vertex m is Re(z exp(i k m d)).
+        z_re, z_im = a * ck + b * sk, a * sk - b * ck
+        ckm = np.cos((k + 1) * step).astype(np.float32)
+        skm = np.sin((k + 1) * step).astype(np.float32)
+        scale = scale + z_re * ckm - z_im * skm
+        dscale = dscale - (k + 1) * (z_re * skm + z_im * ckm)
+    ax, ay = cfg.semi_axes
+    x = cfg.field_width / 2 + scale * ax * cos_t
+    y = cfg.field_height / 2 + scale * ay * sin_t
+    dx = dscale * ax * cos_t - scale * ax * sin_t
+    dy = dscale * ay * sin_t + scale * ay * cos_t
+    inv_norm = jax.lax.rsqrt(dx * dx + dy * dy)
+    return jnp.stack([x, y], -1), jnp.stack([dx * inv_norm, dy * inv_norm], -1)
+
+
 def _edges(cfg: CarTrackConfig, points: jax.Array, tangents: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Left and right edge vertices of centre-line vertices (offset along the normal)."""
     normal = jnp.stack([-tangents[..., 1], tangents[..., 0]], -1)  # left of the driving direction
@@ -363,7 +397,7 @@ def _sense(
 ) -> jax.Array:
     """Ray distances from the car at ``pos`` facing the unit vector ``facing``, against all
     obstacles and the edges of the ``count`` segments that start at vertex ``first``."""
-    points, tangents = centre_line(cfg, track, first + jnp.arange(count + 1))
+    points, tangents = centre_window(cfg, track, first, count + 1)
     left, right = _edges(cfg, points, tangents)
     seg_start = jnp.concatenate([left[:-1], right[:-1]])
     seg_vec = jnp.concatenate([left[1:] - left[:-1], right[1:] - right[:-1]])
@@ -380,7 +414,7 @@ def _project(
     progress from the old (segment, fraction), in arc length and in segments.
     """
     reach = _PROJECTION_REACH
-    points, _ = centre_line(cfg, track, segment + jnp.arange(-reach, reach + 2))
+    points, _ = centre_window(cfg, track, segment - reach, 2 * reach + 2)
     start, vec = points[:-1], points[1:] - points[:-1]  # [2 reach + 1, 2]
     length2 = _dot(vec, vec)
     rel = pos - start
