@@ -14,10 +14,10 @@ between them. ``track_seed`` fixes one track for every episode; ``None`` draws o
 A track is stored as its ``2 * num_harmonics`` coefficients plus the obstacle centres, not as
 polylines: vertices are recomputed on demand, and only for the few segments near the car, from
 a constant table of ``cos(k theta_i), sin(k theta_i)`` (one row per window, rotated to the other
-vertices: a few multiply-adds per vertex). This
-keeps both ``step`` and ``reset`` (which the auto-reset wrapper runs for the whole batch on every
-step) cheap; neither evaluates a trigonometric function (XLA's CPU fusion would otherwise repeat
-them in every fused loop that broadcasts their result).
+vertices: a few multiply-adds per vertex). This keeps both ``step`` and ``reset`` (which the
+auto-reset wrapper runs for the whole batch on every step) cheap; neither evaluates a
+trigonometric function (XLA's CPU fusion would otherwise repeat them in every fused loop that
+broadcasts their result).
 
 Car. Position, speed in ``[0, max_speed]`` and heading (a unit vector); action
 ``[steering, throttle]`` in ``[-1, 1]``: the heading turns by ``steering * steering_rate`` rad per
