@@ -312,7 +312,7 @@ def test_detections_sorted_in_frustum_and_padded(env):
 
 def test_random_layouts_respect_the_zone_map(env):
     c, z = env.config, env.zones
-    ps = jax.tree.map(np.asarray, jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(7), 512)).pipeline_state)
+    ps = jax.tree.map(np.asarray, jax.jit(jax.vmap(env.reset))(jax.random.split(jax.random.PRNGKey(7), 512)).pipeline_state)
     assert np.all((ps.x > z.start.x0) & (ps.x < z.start.x1) & (ps.y > z.start.y0) & (ps.y < z.start.y1))
     f = z.obstacle_field
     assert np.all((ps.obstacle_x > f.x0) & (ps.obstacle_x < f.x1) & (ps.obstacle_y > f.y0) & (ps.obstacle_y < f.y1))

@@ -319,10 +319,11 @@ def _layout_uniforms(key: jax.Array, n: int) -> jax.Array:
 # XLA:CPU notes, measured on the 2-core dev CPU with jax 0.10.2 (vmapped over 4,096 arenas):
 # ``lax.top_k`` lowers to a per-row TopK library call (~300 ns per row of 15), a reduce over a
 # short minor axis goes through a library fusion (~12 ns per row of 7), and ``atan2`` is a scalar
-# libm call (~40 ns per element). Elementwise ops fuse and vectorise across the batch, so the
-# sensor ranks objects by pairwise comparisons, reduces over the short object axis with
-# unrolled chains of elementwise ops, and bearings use a polynomial ``atan2``. Every
-# intermediate of those chains has a single consumer, so XLA fuses them without duplicating work.
+# libm call (~40 ns per element), while elementwise ops fuse and vectorise across the batch. So
+# the sensor selects with unique integer keys and reductions over the short object axis are
+# unrolled chains of elementwise ops (``_fold``), and bearings use a polynomial ``atan2``.
+# XLA:CPU also duplicates cheap elementwise producers into every consumer fusion; the rolled
+# loops (substeps, detection slots) are where values get computed once.
 
 
 def _fold(x: jax.Array, op) -> jax.Array:
