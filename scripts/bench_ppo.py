@@ -207,6 +207,9 @@ def main() -> None:
         "lunarl_compile_s": l_compile,
         "lunarl_chunk_s": l_times,
         "lunarl_chunk_cpu_s": l_cpu,
+        # Everything above steady state: compile plus any recompilation (Brax recompiles its
+        # epoch function on the second call here) plus noise.
+        "lunarl_overhead_s": sum(l_times) - len(l_times) * statistics.median(l_times[1:]),
         "lunarl_sps_cpu": chunk_iters * per_iter / statistics.median(l_cpu[1:]),
         "lunarl_return": l_eval["return_mean"],
         "lunarl_success": l_eval["success_rate"],
@@ -225,6 +228,7 @@ def main() -> None:
             brax_compile_s=b_compile,
             brax_chunk_s=b_times,
             brax_chunk_cpu_s=b_cpu,
+            brax_overhead_s=sum(b_times) - len(b_times) * statistics.median(b_times[1:]),
             brax_sps_cpu=chunk_iters * per_iter / statistics.median(b_cpu[1:]),
             brax_return=b_eval["return_mean"],
             brax_success=b_eval["success_rate"],
