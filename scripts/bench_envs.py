@@ -41,16 +41,36 @@ FUSION_FLAG = "--xla_cpu_use_fusion_emitters"
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--env", default="rover", help="registered env name (rover, car_track, kuka, ...)")
-    p.add_argument("--num-envs", default=None, help="comma-separated batch sizes (default: 1..16384 on CPU, up to 262144 on GPU)")
+    p.add_argument(
+        "--num-envs",
+        default=None,
+        help="comma-separated batch sizes (default: 1..16384 on CPU, up to 262144 on GPU)",
+    )
     p.add_argument("--steps", type=int, default=200, help="env steps per timed scan")
     p.add_argument("--repeats", type=int, default=5, help="timed scans per setting; the median is reported")
     p.add_argument("--modes", default="wrapped,raw", help="comma-separated subset of: wrapped, raw")
-    p.add_argument("--episode-length", type=int, default=None, help="episode limit of the wrapped stack (default: the env's)")
-    p.add_argument("--gym-steps", type=int, default=2000, help="steps timed through the Gymnasium adapter (0 to skip)")
-    p.add_argument("--reference-steps", type=int, default=2000, help="steps of the C MuJoCo reference where the env has one (0 to skip)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="env config override (repeatable)")
+    p.add_argument(
+        "--episode-length",
+        type=int,
+        default=None,
+        help="episode limit of the wrapped stack (default: the env's)",
+    )
+    p.add_argument(
+        "--gym-steps", type=int, default=2000, help="steps timed through the Gymnasium adapter (0 to skip)"
+    )
+    p.add_argument(
+        "--reference-steps",
+        type=int,
+        default=2000,
+        help="steps of the C MuJoCo reference where the env has one (0 to skip)",
+    )
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="env config override (repeatable)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--xla-cpu-fusion-emitters",
@@ -92,7 +112,9 @@ def _parse_overrides(items: list[str], config_cls: type) -> dict[str, Any]:
     return out
 
 
-def bench_jax(env, num_envs: int, steps: int, repeats: int, mode: str, episode_length: int | None, seed: int) -> dict[str, Any]:
+def bench_jax(
+    env, num_envs: int, steps: int, repeats: int, mode: str, episode_length: int | None, seed: int
+) -> dict[str, Any]:
     """Median env steps/s of a jitted scan over ``steps`` batched steps with in-scan random actions."""
     import jax
 
@@ -171,7 +193,13 @@ def bench_gym(env_name: str, num_steps: int, seed: int, overrides: dict[str, Any
 def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
     headers = ["mode", "num_envs", "median steps/s", "best steps/s", "compile s"]
     cells = [
-        [r["mode"], f"{r['num_envs']:,}", f"{r['steps_per_s']:,.0f}", f"{r['best_steps_per_s']:,.0f}", f"{r['compile_s']:.1f}"]
+        [
+            r["mode"],
+            f"{r['num_envs']:,}",
+            f"{r['steps_per_s']:,.0f}",
+            f"{r['best_steps_per_s']:,.0f}",
+            f"{r['compile_s']:.1f}",
+        ]
         for r in rows
     ]
     try:
@@ -187,9 +215,9 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
     except ImportError:
         widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
         print(title)
-        print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+        print("  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
         for row in cells:
-            print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+            print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -217,7 +245,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for n in sizes:
             row = bench_jax(env, n, args.steps, args.repeats, mode, args.episode_length, args.seed)
             rows.append(row)
-            print(f"{args.env} {mode:7s} num_envs={n:>7,}: {row['steps_per_s']:>13,.0f} steps/s (median of {args.repeats}), compile {row['compile_s']:.1f} s", flush=True)
+            print(
+                f"{args.env} {mode:7s} num_envs={n:>7,}: {row['steps_per_s']:>13,.0f} steps/s (median of {args.repeats}), compile {row['compile_s']:.1f} s",
+                flush=True,
+            )
 
     gym = bench_gym(args.env, args.gym_steps, args.seed, overrides)
     reference = None
@@ -225,16 +256,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if ref_fn is not None and args.reference_steps > 0:
         ref_sps = float(ref_fn(env, args.reference_steps))
         best_jax = max(r["steps_per_s"] for r in rows) if rows else float("nan")
-        reference = {"name": "C MuJoCo (mujoco.mj_step, one thread)", "steps_per_s": ref_sps, "jax_over_reference": best_jax / ref_sps}
+        reference = {
+            "name": "C MuJoCo (mujoco.mj_step, one thread)",
+            "steps_per_s": ref_sps,
+            "jax_over_reference": best_jax / ref_sps,
+        }
 
-    _print_table(f"{args.env}: env steps/s on {backend} ({jax.devices()[0].device_kind}), {args.steps} steps per scan, median of {args.repeats}", rows)
+    _print_table(
+        f"{args.env}: env steps/s on {backend} ({jax.devices()[0].device_kind}), {args.steps} steps per scan, median of {args.repeats}",
+        rows,
+    )
     if gym:
-        print(f"Gymnasium adapter {gym['gym_id']}: {gym['steps_per_s']:,.0f} steps/s (one env, {gym['steps']} steps)")
+        print(
+            f"Gymnasium adapter {gym['gym_id']}: {gym['steps_per_s']:,.0f} steps/s (one env, {gym['steps']} steps)"
+        )
         if rows:
             best = max(rows, key=lambda r: r["steps_per_s"])
-            print(f"  best jitted/vmapped ({best['mode']}, {best['num_envs']:,} envs) is {best['steps_per_s'] / gym['steps_per_s']:,.0f}x the adapter")
+            print(
+                f"  best jitted/vmapped ({best['mode']}, {best['num_envs']:,} envs) is {best['steps_per_s'] / gym['steps_per_s']:,.0f}x the adapter"
+            )
     if reference:
-        print(f"{reference['name']}: {reference['steps_per_s']:,.0f} steps/s; best MJX / C MuJoCo = {reference['jax_over_reference']:.2f}")
+        print(
+            f"{reference['name']}: {reference['steps_per_s']:,.0f} steps/s; best MJX / C MuJoCo = {reference['jax_over_reference']:.2f}"
+        )
 
     result = {
         "env": args.env,
@@ -252,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "jax": jax.__version__,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
         },
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "args": vars(args),
     }
     out = pathlib.Path(args.out)

@@ -108,7 +108,9 @@ class RoverConfig(EnvConfig):
     left_column_width: float = bounded(2.0, 0.5, 40.0, "width of the start / construction column at x=0")
     excavation_width: float = bounded(2.0, 0.5, 40.0, "width of the excavation column at x=arena_width")
     start_zone_height: float = bounded(2.5, 0.5, 40.0, "height of the start zone, from the top wall")
-    construction_zone_height: float = bounded(2.0, 0.5, 40.0, "height of the construction zone, from the bottom wall")
+    construction_zone_height: float = bounded(
+        2.0, 0.5, 40.0, "height of the construction zone, from the bottom wall"
+    )
     berm_width: float = bounded(1.2, 0.1, 40.0, "berm target size along x, centred in the construction zone")
     berm_height: float = bounded(0.8, 0.1, 40.0, "berm target size along y, centred in the construction zone")
 
@@ -119,7 +121,9 @@ class RoverConfig(EnvConfig):
     num_craters: int = bounded(3, 0, 64)
     crater_radius: float = bounded(0.35, 0.05, 2.0)
     crater_slowdown: float = bounded(0.3, 0.0, 1.0, "speed factor inside a crater; 0 traps the rover")
-    obstacle_margin: float = bounded(0.1, 0.0, 1.0, "least clearance between an obstacle and its grid cell's edge")
+    obstacle_margin: float = bounded(
+        0.1, 0.0, 1.0, "least clearance between an obstacle and its grid cell's edge"
+    )
     num_orbs: int = bounded(15, 1, 256)
     dig_reach: float = bounded(0.3, 0.01, 2.0, "orb pick-up radius around the rover's front centre")
 
@@ -128,7 +132,9 @@ class RoverConfig(EnvConfig):
     rover_width: float = bounded(0.4, 0.05, 3.0, "also the wheel track of the differential drive")
     max_speed: float = bounded(2.0, 0.01, 20.0, "forward speed limit and wheel speed limit (m/s)")
     max_turn_rate: float = bounded(3.0, 0.01, 20.0, "turn-rate limit (rad/s)")
-    friction: float = bounded(15.0, 0.0, 1000.0, "rate (1/s) at which ground friction pulls the velocity to the wheels'")
+    friction: float = bounded(
+        15.0, 0.0, 1000.0, "rate (1/s) at which ground friction pulls the velocity to the wheels'"
+    )
     wall_restitution: float = bounded(0.5, 0.0, 1.0)
 
     # Time.
@@ -139,7 +145,9 @@ class RoverConfig(EnvConfig):
     # Sensor.
     fov_deg: float = bounded(90.0, 1.0, 179.0, "camera field of view, degrees")
     sensor_range: float = bounded(3.0, 0.1, 100.0)
-    sentinel: float = bounded(-1.0, -100.0, 0.0, "distance reported in empty detection slots (bearing reads 0)")
+    sentinel: float = bounded(
+        -1.0, -100.0, 0.0, "distance reported in empty detection slots (bearing reads 0)"
+    )
 
     # Reward weights (defaults from seed 000).
     reward_step: float = bounded(-0.01, -1e3, 1e3)
@@ -150,16 +158,24 @@ class RoverConfig(EnvConfig):
     reward_rock_hit: float = bounded(-10.0, -1e4, 1e4)
     reward_wall_hit: float = bounded(-5.0, -1e4, 1e4)
     shaping_excavation: float = bounded(1.0, -1e3, 1e3, "per metre of progress toward excavation while empty")
-    shaping_construction: float = bounded(2.0, -1e3, 1e3, "per metre of progress toward construction while holding")
+    shaping_construction: float = bounded(
+        2.0, -1e3, 1e3, "per metre of progress toward construction while holding"
+    )
 
     def check(self) -> None:
         def fail(field: str, msg: str) -> None:
             raise ValueError(f"RoverConfig.{field}={getattr(self, field)!r}: {msg}")
 
         if self.left_column_width + self.excavation_width >= self.arena_width:
-            fail("excavation_width", f"left_column_width + excavation_width must be < arena_width ({self.arena_width})")
+            fail(
+                "excavation_width",
+                f"left_column_width + excavation_width must be < arena_width ({self.arena_width})",
+            )
         if self.start_zone_height + self.construction_zone_height > self.arena_height:
-            fail("construction_zone_height", f"start_zone_height + construction_zone_height must be <= arena_height ({self.arena_height})")
+            fail(
+                "construction_zone_height",
+                f"start_zone_height + construction_zone_height must be <= arena_height ({self.arena_height})",
+            )
         if self.berm_width > self.left_column_width:
             fail("berm_width", f"must be <= left_column_width ({self.left_column_width})")
         if self.berm_height > self.construction_zone_height:
@@ -167,10 +183,15 @@ class RoverConfig(EnvConfig):
         if self.rock_radius_min > self.rock_radius_max:
             fail("rock_radius_min", f"must be <= rock_radius_max ({self.rock_radius_max})")
         if self.rover_length < self.rover_width:
-            fail("rover_length", f"must be >= rover_width ({self.rover_width}); the rover drives along its long side")
+            fail(
+                "rover_length",
+                f"must be >= rover_width ({self.rover_width}); the rover drives along its long side",
+            )
         diag = math.hypot(self.rover_length, self.rover_width)
         if diag >= min(self.left_column_width, self.start_zone_height):
-            fail("rover_length", f"the rover (diagonal {diag:.2f} m) must fit in the start zone in any heading")
+            fail(
+                "rover_length", f"the rover (diagonal {diag:.2f} m) must fit in the start zone in any heading"
+            )
 
 
 @struct.dataclass
@@ -271,7 +292,9 @@ class _Zones:
             obstacle_field=_Rect(c.left_column_width, 0.0, w - c.excavation_width, h),
             excavation=_Rect(w - c.excavation_width, 0.0, w, h),
             construction=_Rect(0.0, 0.0, c.left_column_width, c.construction_zone_height),
-            berm=_Rect(cx - c.berm_width / 2, cy - c.berm_height / 2, cx + c.berm_width / 2, cy + c.berm_height / 2),
+            berm=_Rect(
+                cx - c.berm_width / 2, cy - c.berm_height / 2, cx + c.berm_width / 2, cy + c.berm_height / 2
+            ),
         )
 
     def zone_id(self, x: jax.Array, y: jax.Array) -> jax.Array:
@@ -358,7 +381,9 @@ def _atan2(y: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.where(y < 0.0, -r, r)
 
 
-def _nearest_detections(fwd: jax.Array, left: jax.Array, visible: jax.Array, k: int, sentinel: float) -> jax.Array:
+def _nearest_detections(
+    fwd: jax.Array, left: jax.Array, visible: jax.Array, k: int, sentinel: float
+) -> jax.Array:
     """(distance, bearing) of the ``k`` nearest visible objects, nearest first, flattened to [2k].
 
     ``fwd``/``left`` are object offsets in the rover frame. Slot j is the object with the
@@ -457,7 +482,8 @@ class Rover(LunarEnv):
         cw, ch = (f.x1 - f.x0) / cols, (f.y1 - f.y0) / rows
         radius = jnp.concatenate(
             [
-                c.rock_radius_min + u_obs[2 * n_obs : 2 * n_obs + nr] * (c.rock_radius_max - c.rock_radius_min),
+                c.rock_radius_min
+                + u_obs[2 * n_obs : 2 * n_obs + nr] * (c.rock_radius_max - c.rock_radius_min),
                 jnp.full((nc,), c.crater_radius),
             ]
         )
@@ -532,9 +558,13 @@ class Rover(LunarEnv):
         entered_construction = in_construction & holding & ~ps.visited_construction
 
         # Progress toward the goal of what was held at the start of the step.
-        progress_exc = jnp.where(holding, 0.0, zones.excavation.distance(ps.x, ps.y) - zones.excavation.distance(moved.x, moved.y))
+        progress_exc = jnp.where(
+            holding, 0.0, zones.excavation.distance(ps.x, ps.y) - zones.excavation.distance(moved.x, moved.y)
+        )
         progress_con = jnp.where(
-            holding, zones.construction.distance(ps.x, ps.y) - zones.construction.distance(moved.x, moved.y), 0.0
+            holding,
+            zones.construction.distance(ps.x, ps.y) - zones.construction.distance(moved.x, moved.y),
+            0.0,
         )
         reward, _ = rover_reward(
             c,
@@ -662,7 +692,10 @@ class Rover(LunarEnv):
     # -- observation ---------------------------------------------------------------------------
 
     def observe(
-        self, ps: RoverState, zone: jax.Array | None = None, heading_vec: tuple[jax.Array, jax.Array] | None = None
+        self,
+        ps: RoverState,
+        zone: jax.Array | None = None,
+        heading_vec: tuple[jax.Array, jax.Array] | None = None,
     ) -> jax.Array:
         """The 28-float observation of a physical state (``zone`` and the heading's unit vector if already known)."""
         c: RoverConfig = self.config
@@ -670,11 +703,17 @@ class Rover(LunarEnv):
             zone = self.zones.zone_id(ps.x, ps.y)
         hx, hy = (jnp.cos(ps.heading), jnp.sin(ps.heading)) if heading_vec is None else heading_vec
 
-        def frame(ox: jax.Array, oy: jax.Array, alive: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        def frame(
+            ox: jax.Array, oy: jax.Array, alive: jax.Array | None = None
+        ) -> tuple[jax.Array, jax.Array, jax.Array]:
             rx, ry = ox - ps.x, oy - ps.y
             fwd, left = rx * hx + ry * hy, ry * hx - rx * hy
             # Inside the frustum: ahead, within range, and within the half-angle (tan test, no trig).
-            visible = (fwd > 0.0) & (jnp.abs(left) <= self._tan_half_fov * fwd) & (fwd * fwd + left * left <= c.sensor_range**2)
+            visible = (
+                (fwd > 0.0)
+                & (jnp.abs(left) <= self._tan_half_fov * fwd)
+                & (fwd * fwd + left * left <= c.sensor_range**2)
+            )
             if alive is not None:
                 visible = visible & alive
             return fwd, left, visible
@@ -682,7 +721,16 @@ class Rover(LunarEnv):
         obstacles = frame(ps.obstacle_x, ps.obstacle_y)
         orbs = frame(ps.orb_x, ps.orb_y, ps.orb_alive)
         head = jnp.stack(
-            [ps.x, ps.y, ps.vx, ps.vy, ps.heading, ps.omega, zone.astype(jnp.float32), ps.holding.astype(jnp.float32)]
+            [
+                ps.x,
+                ps.y,
+                ps.vx,
+                ps.vy,
+                ps.heading,
+                ps.omega,
+                zone.astype(jnp.float32),
+                ps.holding.astype(jnp.float32),
+            ]
         )
         return jnp.concatenate(
             [
@@ -724,22 +772,28 @@ class Rover(LunarEnv):
             r = getattr(z, name)
             canvas.rect(r.x0, r.y0, r.x1, r.y1, fill=color, outline=(30, 30, 30))
         nr = c.num_rocks
-        for cx, cy in zip(ps.obstacle_x[nr:], ps.obstacle_y[nr:]):
+        for cx, cy in zip(ps.obstacle_x[nr:], ps.obstacle_y[nr:], strict=True):
             canvas.circle(cx, cy, c.crater_radius, fill=(40, 38, 36), outline=(20, 20, 20))
-        for rx, ry, rr in zip(ps.obstacle_x[:nr], ps.obstacle_y[:nr], ps.rock_r):
+        for rx, ry, rr in zip(ps.obstacle_x[:nr], ps.obstacle_y[:nr], ps.rock_r, strict=True):
             canvas.circle(rx, ry, rr, fill=(150, 150, 155), outline=(90, 90, 95))
-        for ox, oy, alive in zip(ps.orb_x, ps.orb_y, ps.orb_alive):
+        for ox, oy, alive in zip(ps.orb_x, ps.orb_y, ps.orb_alive, strict=True):
             if alive:
                 canvas.circle(ox, oy, 0.05, fill=(240, 200, 60))
 
         x, y, h = float(ps.x), float(ps.y), float(ps.heading)
         half_fov = math.radians(c.fov_deg) / 2
-        arc = [(x + c.sensor_range * math.cos(h + a), y + c.sensor_range * math.sin(h + a)) for a in np.linspace(-half_fov, half_fov, 16)]
+        arc = [
+            (x + c.sensor_range * math.cos(h + a), y + c.sensor_range * math.sin(h + a))
+            for a in np.linspace(-half_fov, half_fov, 16)
+        ]
         canvas.polygon([(x, y), *arc], outline=(200, 220, 255))
         fx, fy = math.cos(h), math.sin(h)
         lx, ly = -fy, fx
         hl, hw = c.rover_length / 2, c.rover_width / 2
-        body = [(x + sf * hl * fx + sl * hw * lx, y + sf * hl * fy + sl * hw * ly) for sf, sl in ((1, 1), (1, -1), (-1, -1), (-1, 1))]
+        body = [
+            (x + sf * hl * fx + sl * hw * lx, y + sf * hl * fy + sl * hw * ly)
+            for sf, sl in ((1, 1), (1, -1), (-1, -1), (-1, 1))
+        ]
         canvas.polygon(body, fill=(230, 230, 235) if not ps.holding else (240, 200, 60), outline=(20, 20, 20))
         canvas.line([(x, y), (x + hl * fx, y + hl * fy)], fill=(220, 40, 40), width=2)
         return canvas.to_array()
