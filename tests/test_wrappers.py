@@ -83,13 +83,38 @@ def test_termination_is_not_truncation():
 
 
 def test_auto_reset_draws_a_new_episode_each_time():
-    env = wrap_for_training(Counter(terminate_at=2), episode_length=100)
+    # All 4 envs finish together every 2 steps: 4 redraws per step keep up with that.
+    env = wrap_for_training(Counter(terminate_at=2), episode_length=100, resets_per_step=4)
     _, (obs, done, _, _) = _rollout(env, num_envs=4, num_steps=6)
     starts = np.asarray(obs[[1, 3, 5], :, 1])  # first obs of episodes 2, 3, 4
     assert len(np.unique(starts)) == starts.size, "each reset must draw a fresh layout"
     brax_like = wrap_for_training(Counter(terminate_at=2), episode_length=100, randomize_resets=False)
     _, (obs2, _, _, _) = _rollout(brax_like, num_envs=4, num_steps=6)
     np.testing.assert_array_equal(obs2[1, :, 1], obs2[3, :, 1])
+
+
+def test_limited_redraws_catch_up_and_keep_each_env_on_its_own_key_chain():
+    # 32 envs all truncate at step 3; 2 redraws per step refill the 32 used slots in 16 steps.
+    limited = wrap_for_training(Counter(), episode_length=3, resets_per_step=2)
+    state, (obs, done, _, _) = _rollout(limited, num_envs=32, num_steps=3)
+    assert done[-1].all()
+    assert int(state.info["reset_pool"].fresh.sum()) == 2  # all 32 used, 2 redrawn so far
+    # Redrawing two slots per step or all of them at once gives every env the same layouts.
+    full = wrap_for_training(Counter(), episode_length=1000, resets_per_step=32)
+    slow = wrap_for_training(Counter(), episode_length=1000, resets_per_step=2)
+    pools = []
+    for env in (full, slow):
+        s = env.reset(jax.random.split(jax.random.PRNGKey(0), 32))
+        s = s.replace(done=jnp.ones(32))  # as if every env had just finished
+        s.info["reset_pool"] = s.info["reset_pool"].replace(fresh=jnp.zeros(32, bool))
+        s = jax.jit(lambda s, env=env: jax.lax.fori_loop(0, 16, lambda _, s: _step_zero(env, s), s))(s)
+        assert bool(s.info["reset_pool"].fresh.all()), "16 steps of 2 redraws refill 32 slots"
+        pools.append(np.asarray(s.info["reset_pool"].obs[:, 1]))
+    np.testing.assert_array_equal(pools[0], pools[1])
+
+
+def _step_zero(env, state):
+    return env.step(state, jnp.zeros((state.obs.shape[0], 1)))
 
 
 def test_config_validation_names_the_field():
@@ -101,6 +126,8 @@ def test_config_validation_names_the_field():
         Counter(bogus=1)
     with pytest.raises(ValueError, match="episode_length must be >= 1"):
         wrap_for_training(Counter(), episode_length=0)
+    with pytest.raises(ValueError, match="resets_per_step must be >= 1"):
+        wrap_for_training(Counter(), resets_per_step=0)
 
 
 def test_registry_errors():

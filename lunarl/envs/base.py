@@ -12,7 +12,8 @@ unchanged. What lunarl adds:
   auto-reset wrapper can swap in a fresh episode by replacing ``pipeline_state`` and ``obs``.
 * Wrappers: Brax's ``EpisodeWrapper`` (episode limit, ``info["truncation"]``) and
   ``VmapWrapper``, and our ``AutoResetWrapper``, which (unlike Brax's) starts every new episode
-  from a freshly randomised ``reset`` and keeps the last observation of the finished episode in
+  from a freshly randomised layout, drawn ahead of time a few envs per step so resets cost a
+  small fraction of a step, and keeps the last observation of the finished episode in
   ``info["final_obs"]`` so agents can bootstrap through time limits.
 """
 
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from brax.envs.base import Env, State, Wrapper
 from brax.envs.wrappers.training import EpisodeWrapper, VmapWrapper
+from flax import struct
 
 from lunarl.config import Config, bounded
 
@@ -99,28 +101,55 @@ def _where_batch(done: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(pick, new, old)
 
 
+@struct.dataclass
+class ResetPool:
+    """Pre-drawn first states, one slot per env, for the auto-reset wrapper."""
+
+    pipeline_state: Any
+    obs: jax.Array
+    fresh: jax.Array  # bool [num_envs]: the slot holds a layout no episode has used yet
+
+
 class AutoResetWrapper(Wrapper):
-    """Reset finished envs, drawing a new random episode each time.
+    """Reset finished envs, each into a freshly drawn random episode.
 
     Brax's ``AutoResetWrapper`` restarts every env from the state its first ``reset`` produced,
-    so a "randomised" env replays one layout per env forever. This wrapper calls the wrapped
-    env's ``reset`` with a fresh key (split from ``info["rng"]``) for envs that are done and
-    selects it per env. ``info["final_obs"]`` holds the observation the finished step produced
-    before it was replaced by the new episode's first observation, which agents need to bootstrap
-    values through truncation.
+    so a "randomised" env replays one layout per env forever. Calling ``reset`` for the whole
+    batch on every step fixes that but costs as much as the step itself. This wrapper keeps a
+    pool of pre-drawn first states in ``info["reset_pool"]``: a finished env swaps its pool slot
+    in (a cheap select), and every step redraws at most ``resets_per_step`` used slots (default
+    ``ceil(num_envs / 16)``), gathering only those envs so the reset work is a small fraction of
+    the batch. No ``lax.cond`` is involved, so the saving survives ``vmap`` over seeds.
 
-    Expects a batched env (wrap ``VmapWrapper`` first). ``randomize=False`` restores Brax's
-    cheaper behaviour (cache the first state) for envs whose reset is expensive.
+    Every episode starts from a layout no earlier episode of that env used, as long as no more
+    than ``resets_per_step`` slots are waiting for a redraw; otherwise an env that finishes again
+    within a few steps of its last reset (before its slot is redrawn) repeats that layout.
+    Keys come from each env's own ``info["rng"]`` chain, so an env's layouts do not depend on
+    what the other envs do.
+
+    ``info["final_obs"]`` holds the observation the finished step produced before it was replaced
+    by the new episode's first observation, which agents need to bootstrap values through
+    truncation. Expects a batched env (wrap ``VmapWrapper`` first). ``randomize=False`` restores
+    Brax's behaviour (every env restarts from its first state).
     """
 
-    def __init__(self, env: Env, randomize: bool = True):
+    def __init__(self, env: Env, randomize: bool = True, resets_per_step: int | None = None):
         super().__init__(env)
+        if resets_per_step is not None and resets_per_step < 1:
+            raise ValueError(f"resets_per_step must be >= 1 (or None for num_envs / 16), got {resets_per_step}")
         self.randomize = randomize
+        self.resets_per_step = resets_per_step
 
     def reset(self, rng: jax.Array) -> State:
         state = self.env.reset(rng)
         state.info["final_obs"] = state.obs
-        if not self.randomize:
+        if self.randomize:
+            keys = jax.vmap(jax.random.split)(state.info["rng"])
+            spare = self.env.reset(keys[:, 1])
+            state.info["rng"] = keys[:, 0]
+            fresh = jnp.ones(state.done.shape, bool)
+            state.info["reset_pool"] = ResetPool(spare.pipeline_state, spare.obs, fresh)
+        else:
             state.info["first_pipeline_state"] = state.pipeline_state
             state.info["first_obs"] = state.obs
         return state
@@ -133,15 +162,34 @@ class AutoResetWrapper(Wrapper):
         done = state.done.astype(bool)
         state.info["final_obs"] = state.obs
         if self.randomize:
-            keys = jax.vmap(jax.random.split)(state.info["rng"])
-            fresh = self.env.reset(keys[:, 1])
-            new_pipeline, new_obs = fresh.pipeline_state, fresh.obs
-            state.info["rng"] = keys[:, 0]
+            pool = state.info["reset_pool"]
+            new_pipeline, new_obs = pool.pipeline_state, pool.obs
+            pool = pool.replace(fresh=pool.fresh & ~done)
+            state.info["reset_pool"], state.info["rng"] = self._redraw(pool, state.info["rng"])
         else:
             new_pipeline, new_obs = state.info["first_pipeline_state"], state.info["first_obs"]
         pipeline_state = _where_batch(done, new_pipeline, state.pipeline_state)
         obs = _where_batch(done, new_obs, state.obs)
         return state.replace(pipeline_state=pipeline_state, obs=obs)
+
+    def _redraw(self, pool: ResetPool, rng: jax.Array) -> tuple[ResetPool, jax.Array]:
+        """Refill up to ``resets_per_step`` used slots with new layouts (gather, reset, scatter)."""
+        n = pool.fresh.shape[0]
+        m = min(n, self.resets_per_step or -(-n // 16))
+        # Indices of used slots, padded with n: out of bounds, so the scatters below drop them.
+        idx = jnp.nonzero(~pool.fresh, size=m, fill_value=n)[0]
+        keys = jax.vmap(jax.random.split)(rng[jnp.minimum(idx, n - 1)])
+        drawn = self.env.reset(keys[:, 1])
+
+        def put(full: jax.Array, part: jax.Array) -> jax.Array:
+            return full.at[idx].set(part, mode="drop")
+
+        pool = ResetPool(
+            pipeline_state=jax.tree.map(put, pool.pipeline_state, drawn.pipeline_state),
+            obs=put(pool.obs, drawn.obs),
+            fresh=put(pool.fresh, jnp.ones((m,), bool)),
+        )
+        return pool, put(rng, keys[:, 0])
 
 
 def wrap_for_training(
@@ -149,6 +197,7 @@ def wrap_for_training(
     episode_length: int | None = None,
     action_repeat: int = 1,
     randomize_resets: bool = True,
+    resets_per_step: int | None = None,
 ) -> Wrapper:
     """Batch, limit and auto-reset an env: the stack agents train on.
 
@@ -161,4 +210,4 @@ def wrap_for_training(
         raise ValueError(f"episode_length must be >= 1, got {episode_length}")
     env = VmapWrapper(env)
     env = EpisodeWrapper(env, episode_length, action_repeat)
-    return AutoResetWrapper(env, randomize=randomize_resets)
+    return AutoResetWrapper(env, randomize=randomize_resets, resets_per_step=resets_per_step)
