@@ -37,7 +37,6 @@ from typing import Any
 
 CPU_DEFAULT_NUM_ENVS = (1, 64, 1024, 4096, 16384)
 ACCELERATOR_DEFAULT_NUM_ENVS = (1, 64, 1024, 4096, 16384, 65536, 262144)
-FUSION_FLAG = "--xla_cpu_use_fusion_emitters"
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,16 +77,24 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="default",
         help="set XLA's CPU fusion emitters before JAX starts (lunarl turns them off by default, for MJX)",
     )
+    p.add_argument(
+        "--xla-cpu-multi-thread",
+        choices=("on", "off", "default"),
+        default="default",
+        help="XLA's multi-threaded CPU kernels (off can win on a busy, shared machine)",
+    )
     p.add_argument("--out", default="bench_results/bench_envs.json", help="JSON results file")
     return p.parse_args(argv)
 
 
-def _configure_xla(choice: str) -> None:
-    """Must run before JAX initialises its backend (i.e. before ``import jax``)."""
-    if choice == "default":
-        return
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(FUSION_FLAG)]
-    flags.append(f"{FUSION_FLAG}={'true' if choice == 'on' else 'false'}")
+def _configure_xla(**choices: str) -> None:
+    """Set XLA boolean flags (``flag=on|off|default``); must run before JAX initialises its backend."""
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    for flag, choice in choices.items():
+        if choice == "default":
+            continue
+        flags = [f for f in flags if not f.startswith(f"--{flag}")]
+        flags.append(f"--{flag}={'true' if choice == 'on' else 'false'}")
     os.environ["XLA_FLAGS"] = " ".join(flags)
 
 
@@ -222,7 +229,10 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
-    _configure_xla(args.xla_cpu_fusion_emitters)
+    _configure_xla(
+        xla_cpu_use_fusion_emitters=args.xla_cpu_fusion_emitters,
+        xla_cpu_multi_thread_eigen=args.xla_cpu_multi_thread,
+    )
 
     import importlib
 
