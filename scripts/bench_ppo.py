@@ -195,7 +195,7 @@ def main() -> None:
 
     ts, l_sps, l_compile, l_times, l_cpu = run_lunarl(env, cfg, 1, args.chunks, chunk_iters, args.seed)
     l_eval = summarize(ev(policy, ppo.policy_params(ts), eval_key))
-    print(f"lunarl: {l_sps:,.0f} steps/s, compile {l_compile:.1f}s, chunks {[round(t, 2) for t in l_times]}, eval {l_eval}")
+    print(f"lunarl: {l_sps:,.0f} steps/s, compile {l_compile:.1f}s, chunks {[round(t, 2) for t in l_times]}, eval {l_eval}", flush=True)
 
     result: dict[str, typing.Any] = {
         "env": args.env,
@@ -222,7 +222,7 @@ def main() -> None:
     if not args.skip_brax:
         b_policy, b_params, b_sps, b_compile, b_times, b_cpu = run_brax(env, cfg, args.chunks, chunk_iters, args.seed)
         b_eval = summarize(ev(b_policy, b_params, eval_key))
-        print(f"brax:   {b_sps:,.0f} steps/s, compile {b_compile:.1f}s, chunks {[round(t, 2) for t in b_times]}, eval {b_eval}")
+        print(f"brax:   {b_sps:,.0f} steps/s, compile {b_compile:.1f}s, chunks {[round(t, 2) for t in b_times]}, eval {b_eval}", flush=True)
         result.update(
             brax_sps=b_sps,
             brax_compile_s=b_compile,
@@ -236,12 +236,16 @@ def main() -> None:
         )
         result["ratio_cpu"] = result["lunarl_sps_cpu"] / result["brax_sps_cpu"]
 
-    seed_sps = {}
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))  # written again as the seeds scan goes
+
+    result["lunarl_seeds_sps"] = seed_sps = {}
     for n in [int(s) for s in args.seeds.split(",") if s]:
         _, sps, compile_s, _, _ = run_lunarl(env, cfg, n, 3, args.seed_iters, args.seed)
         seed_sps[str(n)] = {"sps": sps, "compile_s": compile_s}
-        print(f"lunarl x{n} seeds: {sps:,.0f} steps/s (all seeds), compile {compile_s:.1f}s")
-    result["lunarl_seeds_sps"] = seed_sps
+        print(f"lunarl x{n} seeds: {sps:,.0f} steps/s (all seeds), compile {compile_s:.1f}s", flush=True)
+        out.write_text(json.dumps(result, indent=2))
 
     print()
     print(f"{'':10s}{'steps/s':>12s}{'compile s':>11s}{'return':>10s}{'success':>9s}")
@@ -249,8 +253,6 @@ def main() -> None:
     if "brax_sps" in result:
         print(f"{'brax':10s}{b_sps:12,.0f}{b_compile:11.1f}{b_eval['return_mean']:10.2f}{b_eval['success_rate']:9.2f}")
         print(f"ratio lunarl/brax: {result['ratio']:.2f} (wall), {result['ratio_cpu']:.2f} (process CPU time)")
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
