@@ -96,6 +96,23 @@ def test_config_differences_name_the_keys():
     assert config_differences(saved, {**saved, "run": {"dir": "elsewhere"}}) == []
 
 
+def test_checkpoints_round_trip_zero_size_leaves(tmp_path):
+    # MJX's Data.act is [num_envs, 0] for models without activation states (the kuka arm);
+    # Orbax refuses zero-size arrays, so they are dropped on save and rebuilt on restore.
+    state = {"act": jnp.zeros((4, 0)), "qpos": jnp.arange(8.0).reshape(4, 2)}
+    config = {"env": {"name": "kuka"}, "agent": {"name": "ppo"}, "seed": 0, "num_seeds": 1}
+    ck = Checkpoints(str(tmp_path / "ck"))
+    ck.save(1, state, config, {"iteration": 1})
+    assert ck.save_best(1, state, config, {"iteration": 1}, score=0.0)
+    ck.wait()
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    for which in ("latest", "best"):
+        restored, _, _ = ck.restore(which, target, config=config)
+        assert restored["act"].shape == (4, 0)
+        np.testing.assert_array_equal(restored["qpos"], state["qpos"])
+    ck.close()
+
+
 def test_checkpoints_refuse_a_different_config_and_keep_best(tmp_path):
     state = {"w": jnp.arange(6.0).reshape(2, 3), "rng": jax.random.PRNGKey(1)}
     config = {"env": {"name": "rover"}, "agent": {"name": "ppo"}, "seed": 0, "num_seeds": 1}

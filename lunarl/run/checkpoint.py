@@ -15,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -23,6 +25,23 @@ __all__ = ["CheckpointError", "Checkpoints", "config_differences"]
 # Config keys that must match for a checkpoint to be restored into the current run. Run-length,
 # logging and checkpoint settings may change between sessions (e.g. to extend a run).
 MUST_MATCH = ("env", "agent", "seed", "num_seeds")
+
+
+def _without_empty(tree: Any) -> Any:
+    """Zero-size leaves as None: Orbax refuses to save them (MJX's ``Data.act`` is [N, 0] when a
+    model has no activation states), and they carry no data, so the target's shape rebuilds them."""
+    return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
+
+
+def _with_empty(restored: Any, target: Any) -> Any:
+    def fill(t: Any, r: Any) -> Any:
+        if r is not None:
+            return r
+        empty = jnp.zeros(t.shape, t.dtype)
+        sharding = getattr(t, "sharding", None)
+        return jax.device_put(empty, sharding) if sharding is not None else empty
+
+    return jax.tree.map(fill, target, restored)
 
 
 class CheckpointError(RuntimeError):
@@ -67,7 +86,7 @@ class Checkpoints:
     @staticmethod
     def _args(state: Any, config: Mapping[str, Any], meta: Mapping[str, Any]) -> ocp.args.Composite:
         return ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
+            state=ocp.args.StandardSave(_without_empty(state)),
             config=ocp.args.JsonSave(dict(config)),
             meta=ocp.args.JsonSave(dict(meta)),
         )
@@ -151,7 +170,7 @@ class Checkpoints:
             out = manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target),
+                    state=ocp.args.StandardRestore(_without_empty(target)),
                     config=ocp.args.JsonRestore(),
                     meta=ocp.args.JsonRestore(),
                 ),
@@ -164,4 +183,4 @@ class Checkpoints:
                 f"the checkpoint at iteration {step} in {self.directory} does not fit the current "
                 f"TrainState (written by another version of the env or agent code?): {first}"
             ) from e
-        return out["state"], out["config"], out["meta"]
+        return _with_empty(out["state"], target), out["config"], out["meta"]
