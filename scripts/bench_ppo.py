@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import itertools
 import json
 import pathlib
 import platform
@@ -36,7 +37,6 @@ import time
 import typing
 
 import jax
-import jax.numpy as jnp
 
 import lunarl
 from lunarl.agents import ppo
@@ -92,9 +92,9 @@ def run_lunarl(env: LunarEnv, cfg: ppo.PPOConfig, seeds: int, chunks: int, chunk
 
 def run_brax(env: LunarEnv, cfg: ppo.PPOConfig, chunks: int, chunk_iters: int, seed: int):
     """(brax policy fn for ``evaluate``, its params, steps/s, compile s, chunk wall and CPU times)."""
+    import flax.linen as nn
     from brax.training.agents.ppo import networks as brax_networks
     from brax.training.agents.ppo import train as brax_ppo
-    import flax.linen as nn
 
     from lunarl.agents.networks import ACTIVATIONS
 
@@ -140,9 +140,9 @@ def run_brax(env: LunarEnv, cfg: ppo.PPOConfig, chunks: int, chunk_iters: int, s
         seed=seed,
         progress_fn=progress,
     )
-    times = [walltimes[0]] + [b - a for a, b in zip(walltimes, walltimes[1:])]
+    times = [walltimes[0]] + [b - a for a, b in itertools.pairwise(walltimes)]
     # CPU time between progress calls; the first also holds Brax's set-up (env reset, init).
-    cpu_times = [b - a for a, b in zip(cpu_marks, cpu_marks[1:])]
+    cpu_times = [b - a for a, b in itertools.pairwise(cpu_marks)]
     sps, compile_s = _chunk_stats(times, chunk_iters * per_iter)
 
     def policy(p, obs, rng, deterministic=True):

@@ -173,7 +173,7 @@ def test_vmapped_seeds_match_single_seed_runs(env, cfg, step):
     assert metrics["losses/policy_loss"].shape == (2,)
     for i in range(2):
         single, single_metrics = _train(step, ppo.init(keys[i], env, cfg), 3)
-        for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(batched.params)):
+        for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(batched.params), strict=True):
             np.testing.assert_allclose(a, b[i], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(single.obs_stats.mean, batched.obs_stats.mean[i], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(
@@ -184,7 +184,7 @@ def test_vmapped_seeds_match_single_seed_runs(env, cfg, step):
 def test_same_seed_is_bit_identical(env, cfg, step):
     a, _ = _train(step, ppo.init(jax.random.PRNGKey(5), env, cfg), 4)
     b, _ = _train(step, ppo.init(jax.random.PRNGKey(5), env, cfg), 4)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
     c, _ = _train(step, ppo.init(jax.random.PRNGKey(6), env, cfg), 4)
     assert not np.array_equal(a.params["params"]["actor"]["Dense_0"]["kernel"], c.params["params"]["actor"]["Dense_0"]["kernel"])
