@@ -260,6 +260,14 @@ def centre_line(cfg: CarTrackConfig, track: Track, index: jax.Array) -> tuple[ja
         cos_k, sin_k = row[..., 2 + k], row[..., 2 + K + k]
         scale = scale + a * cos_k + b * sin_k
         dscale = dscale + (k + 1) * (b * cos_k - a * sin_k)
+    return _points_and_tangents(cfg, scale, dscale, cos_t, sin_t)
+
+
+def _points_and_tangents(
+    cfg: CarTrackConfig, scale: jax.Array, dscale: jax.Array, cos_t: jax.Array, sin_t: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Centre-line points and unit tangents from the radius factor ``scale`` (and its derivative
+    ``dscale``) at angles given by ``cos_t``/``sin_t``, on the field-centred ellipse."""
     ax, ay = cfg.semi_axes
     x = cfg.field_width / 2 + scale * ax * cos_t
     y = cfg.field_height / 2 + scale * ay * sin_t
@@ -293,13 +301,7 @@ def centre_window(
         skm = np.sin((k + 1) * step).astype(np.float32)
         scale = scale + z_re * ckm - z_im * skm
         dscale = dscale - (k + 1) * (z_re * skm + z_im * ckm)
-    ax, ay = cfg.semi_axes
-    x = cfg.field_width / 2 + scale * ax * cos_t
-    y = cfg.field_height / 2 + scale * ay * sin_t
-    dx = dscale * ax * cos_t - scale * ax * sin_t
-    dy = dscale * ay * sin_t + scale * ay * cos_t
-    inv_norm = jax.lax.rsqrt(dx * dx + dy * dy)
-    return jnp.stack([x, y], -1), jnp.stack([dx * inv_norm, dy * inv_norm], -1)
+    return _points_and_tangents(cfg, scale, dscale, cos_t, sin_t)
 
 
 def _edges(cfg: CarTrackConfig, points: jax.Array, tangents: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -107,8 +107,6 @@ class LunarVectorEnv(gymnasium.vector.VectorEnv):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        if seed is not None:
-            self._np_random_seed = seed
         base = int(self._np_random.integers(0, 2**31 - 1)) if seed is None else seed
         self._state = self._reset(jax.random.split(jax.random.PRNGKey(base), self.num_envs))
         return np.asarray(self._state.obs, dtype=np.float32), {}
