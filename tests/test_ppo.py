@@ -214,6 +214,30 @@ def test_linear_lr_decay(env, cfg):
     np.testing.assert_allclose(lrs, [3e-3, 2.25e-3, 1.5e-3, 0.75e-3], rtol=1e-5)
 
 
+class _HeadingGoal(PointGoal):
+    """PointGoal whose observation entry 0 is declared an angle (only the features matter here)."""
+
+    angle_observations = (0,)
+
+
+def test_angle_observations_are_fed_as_cos_sin(cfg):
+    env = _HeadingGoal()
+    stats = RunningStats.create(env.observation_size)
+    # Just either side of the wrap: the raw entries differ by ~2 pi, their (cos, sin) barely.
+    obs = jnp.array([[np.pi - 1e-3, 0.5, 0.0, 0.0], [-np.pi + 1e-3, 0.5, 0.0, 0.0]], jnp.float32)
+    x = ppo._features(env, cfg, stats, obs)
+    assert x.shape == (2, env.observation_size + 2)
+    np.testing.assert_allclose(x[:, :4], stats.normalize(obs))
+    np.testing.assert_allclose(x[0, 4:], x[1, 4:], atol=3e-3)
+    assert abs(float(x[0, 0] - x[1, 0])) > 6.0
+    # Switched off, the network sees the observation only; its input layer has the right width.
+    off = cfg.replace(angle_features=False)
+    assert ppo._features(env, off, stats, obs).shape == (2, env.observation_size)
+    for c, width in ((cfg, 6), (off, 4)):
+        params = ppo.init(jax.random.PRNGKey(0), env, c).params["params"]
+        assert params["actor"]["Dense_0"]["kernel"].shape[0] == width
+
+
 # --------------------------------------------------------------------------------------------
 # Config and registry
 # --------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ Design choices:
 * Observation normalisation: running mean/var (``RunningStats``) in the train state. The stats
   that collected a batch are also used to learn from it (so the first epoch's ratio is exactly
   1), then the batch is merged into them for the next iteration.
+* Angle features: observation entries the env declares as angles (``angle_observations``, e.g.
+  the rover's heading) are also fed to the networks as (cos, sin), continuous across the wrap.
 * Reward scaling: rewards are multiplied by ``reward_scaling`` before GAE (logged episode returns
   stay unscaled).
 """
@@ -76,6 +78,7 @@ class PPOConfig(Config):
     activation: str = "tanh"
     init_log_std: float = bounded(0.0, -5.0, 2.0, "initial log standard deviation of the policy")
     normalize_observations: bool = True
+    angle_features: bool = True  # also feed the env's angle observations as (cos, sin)
     reward_scaling: float = bounded(1.0, 1e-8, None)
     normalize_advantages: bool = True
 
@@ -170,8 +173,19 @@ def _optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
     )
 
 
-def _normalize(cfg: PPOConfig, stats: RunningStats, obs: jax.Array) -> jax.Array:
-    return stats.normalize(obs) if cfg.normalize_observations else obs
+def _features(env: LunarEnv, cfg: PPOConfig, stats: RunningStats, obs: jax.Array) -> jax.Array:
+    """Network input: the (normalised) observation, plus (cos, sin) of the env's angle entries."""
+    x = stats.normalize(obs) if cfg.normalize_observations else obs
+    angles = tuple(getattr(env, "angle_observations", ()))
+    if cfg.angle_features and angles:
+        raw = obs[..., angles]
+        x = jnp.concatenate([x, jnp.cos(raw), jnp.sin(raw)], axis=-1)
+    return x
+
+
+def _feature_size(env: LunarEnv, cfg: PPOConfig) -> int:
+    angles = getattr(env, "angle_observations", ()) if cfg.angle_features else ()
+    return env.observation_size + 2 * len(angles)
 
 
 def _as_raw_key(rng: jax.Array) -> jax.Array:
@@ -190,7 +204,7 @@ def init(rng: jax.Array, env: LunarEnv, cfg: PPOConfig) -> TrainState:
     """A fresh train state: network, optimiser, normaliser and ``cfg.num_envs`` reset envs."""
     rng = _as_raw_key(rng)
     k_params, k_env, k_state = jax.random.split(rng, 3)
-    params = _network(env, cfg).init(k_params, jnp.zeros((1, env.observation_size), jnp.float32))
+    params = _network(env, cfg).init(k_params, jnp.zeros((1, _feature_size(env, cfg)), jnp.float32))
     env_state = _training_env(env, cfg).reset(jax.random.split(k_env, cfg.num_envs))
     return TrainState(
         params=params,
@@ -215,7 +229,7 @@ def make_policy(env: LunarEnv, cfg: PPOConfig):
     net = _network(env, cfg)
 
     def policy(params: dict[str, Any], obs: jax.Array, rng: jax.Array, deterministic: bool = True) -> jax.Array:
-        obs = _normalize(cfg, params["obs_stats"], obs)
+        obs = _features(env, cfg, params["obs_stats"], obs)
         mean, log_std = net.apply(params["params"], obs, method=ActorCritic.policy)
         sample = distrax.MultivariateNormalDiag(mean, jnp.exp(log_std)).sample(seed=rng)
         # ``where`` so ``deterministic`` may be a Python bool or a traced one.
@@ -232,7 +246,7 @@ def rollout(ts: TrainState) -> tuple[State, Transition, jax.Array]:
     rng, key = jax.random.split(ts.rng)
 
     def step(env_state: State, key: jax.Array) -> tuple[State, Transition]:
-        obs = _normalize(cfg, ts.obs_stats, env_state.obs)
+        obs = _features(ts.env, cfg, ts.obs_stats, env_state.obs)
         mean, log_std = net.apply(ts.params, obs, method=ActorCritic.policy)
         dist = distrax.MultivariateNormalDiag(mean, jnp.exp(log_std))
         action, log_prob = dist.sample_and_log_prob(seed=key)
@@ -362,8 +376,8 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
 
     # Values of the observations acted on and of the observations each step produced, in one
     # batched call after the rollout (the rollout itself only needs the actor).
-    obs = _normalize(cfg, ts.obs_stats, batch.obs)
-    final_obs = _normalize(cfg, ts.obs_stats, batch.final_obs)
+    obs = _features(ts.env, cfg, ts.obs_stats, batch.obs)
+    final_obs = _features(ts.env, cfg, ts.obs_stats, batch.final_obs)
     values, next_values = jnp.split(
         net.apply(ts.params, jnp.concatenate([obs, final_obs]), method=ActorCritic.value), 2
     )

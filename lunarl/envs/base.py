@@ -64,6 +64,10 @@ class LunarEnv(Env):
     config_cls: ClassVar[type[EnvConfig]] = EnvConfig
     #: Episode limit the training wrappers apply by default (in env steps).
     default_episode_length: ClassVar[int] = 1000
+    #: Observation entries that are angles wrapping at +-pi (e.g. a heading). Agents feed them to
+    #: their networks as (cos, sin) as well: the raw value jumps by 2 pi across the wrap, which an
+    #: MLP must otherwise learn to bridge exactly where a task may need to steer.
+    angle_observations: ClassVar[tuple[int, ...]] = ()
 
     def __init__(self, config: EnvConfig | None = None, **overrides: Any):
         if config is None:

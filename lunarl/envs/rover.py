@@ -430,6 +430,8 @@ class Rover(LunarEnv):
     #: 500 actions = 33 s of arena time at the default 4 x 1/60 s per action; a scripted round
     #: trip start -> excavation -> construction takes about 120.
     default_episode_length: ClassVar[int] = 500
+    #: The heading (observation entry 4) wraps at +-pi, i.e. facing west: the way home.
+    angle_observations: ClassVar[tuple[int, ...]] = (4,)
 
     def __init__(self, config: RoverConfig | None = None, **overrides):
         super().__init__(config, **overrides)

@@ -1,0 +1,87 @@
+"""Print a run's learning curve (from its ``metrics.jsonl``) as a Markdown table, and write it as JSON.
+
+One row per evaluation: env steps, wall-clock minutes since the run started (compile
+included), the latest training return and success rate before that evaluation (stochastic
+policy, finished episodes), and the evaluation's deterministic return and success rate. Also
+reports the first evaluation that reached ``--target`` success.
+
+    python scripts/learning_curve.py runs/2026-11-21/16-05-12 --target 0.9
+    python scripts/learning_curve.py RUN_DIR --every 4     # every 4th evaluation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+
+def read_curve(run_dir: pathlib.Path) -> list[dict]:
+    """Evaluation rows of ``run_dir/metrics.jsonl``, each with the last training metrics before it."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"no metrics file at {path}: is {run_dir} a lunarl run directory?")
+    rows, last_train = [], {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "eval/success_rate" in record:
+            rows.append(
+                {
+                    "env_steps": record["global_step"],
+                    "minutes": record["time"] / 60.0,
+                    "train_return": last_train.get("charts/episode_return"),
+                    "train_success": last_train.get("charts/success_rate"),
+                    "eval_return": record["eval/episode_return"],
+                    "eval_return_std": record.get("eval/episode_return_std"),
+                    "eval_success": record["eval/success_rate"],
+                    "eval_length": record.get("eval/episode_length"),
+                }
+            )
+        elif "charts/episode_return" in record:
+            last_train = record
+    return rows
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=pathlib.Path)
+    parser.add_argument("--target", type=float, default=0.9, help="eval success rate to report first reaching")
+    parser.add_argument("--every", type=int, default=1, help="print every k-th evaluation (the last is always printed)")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON path (default RUN_DIR/learning_curve.json)")
+    args = parser.parse_args()
+    if args.every < 1:
+        raise SystemExit(f"--every={args.every} is out of range: allowed >= 1")
+
+    rows = read_curve(args.run_dir)
+    if not rows:
+        sys.exit(f"{args.run_dir}/metrics.jsonl has no evaluations yet")
+    print("| env steps (M) | minutes | train return | train success | eval return | eval success | eval length |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for i, r in enumerate(rows):
+        if i % args.every and i != len(rows) - 1:
+            continue
+        print(
+            f"| {r['env_steps'] / 1e6:.2f} | {r['minutes']:.1f} | {_fmt(r['train_return'], '.1f')} "
+            f"| {_fmt(r['train_success'], '.2f')} | {r['eval_return']:.1f} ± {_fmt(r['eval_return_std'], '.1f')} "
+            f"| {r['eval_success']:.3f} | {_fmt(r['eval_length'], '.0f')} |"
+        )
+    first = next((r for r in rows if r["eval_success"] >= args.target), None)
+    if first is None:
+        print(f"\nnever reached eval success >= {args.target}")
+    else:
+        print(
+            f"\nfirst eval success >= {args.target}: {first['eval_success']:.3f} at "
+            f"{first['env_steps']:,} env steps, {first['minutes']:.1f} min"
+        )
+    out = args.out or args.run_dir / "learning_curve.json"
+    out.write_text(json.dumps({"target": args.target, "first_reached": first, "evaluations": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
