@@ -4,12 +4,19 @@
   loss cannot disturb the policy features), orthogonal initialisation as in the PPO
   implementation studies (hidden gain sqrt(2), policy head 0.01 so the initial policy is close
   to the state-independent Gaussian, value head 1.0), and a learned state-independent log-std.
+* ``orthogonal``: that initialiser built from plain jnp ops (Householder QR) instead of LAPACK.
+  jaxlib 0.10's CPU LAPACK kernels split a batched call (``vmap`` over seeds makes every QR
+  batched) into chunks on XLA's intra-op thread pool and block until they finish; when the
+  thunk executor runs as many such calls at once as the pool has threads, every pool thread
+  waits for chunks that no free thread can run, and the multi-seed ``init`` deadlocks.
 * ``RunningStats``: observation mean/variance merged batch by batch (Chan et al.'s parallel
   form of Welford's update), a pytree that lives in the agent's train state.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -17,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-__all__ = ["ACTIVATIONS", "ActorCritic", "MLP", "RunningStats"]
+__all__ = ["ACTIVATIONS", "ActorCritic", "MLP", "RunningStats", "orthogonal"]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": nn.tanh,
@@ -26,6 +33,44 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": nn.silu,
     "gelu": nn.gelu,
 }
+
+
+def _householder_q(a: jax.Array) -> jax.Array:
+    """The thin Q of ``a = QR`` ([m, n], m >= n) with R's diagonal made positive: unique for a
+    full-rank ``a``, so it equals what LAPACK's geqrf/orgqr give up to rounding."""
+    m, n = a.shape
+    rows = jnp.arange(m)
+    dot = functools.partial(jnp.dot, precision=jax.lax.Precision.HIGHEST)  # no TF32 on GPU
+
+    def reflect(k: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        r, q = carry  # r: ``a`` reduced so far; q: product of the reflections so far
+        x = jnp.where(rows >= k, r[:, k], 0.0)
+        # Reflect x onto -sign(x_k) |x| e_k (the sign that avoids cancellation, as in geqrf).
+        alpha = -jnp.where(x[k] >= 0, 1.0, -1.0) * jnp.sqrt(jnp.sum(x * x))
+        v = x.at[k].add(-alpha)
+        v = v / jnp.maximum(jnp.sqrt(jnp.sum(v * v)), jnp.finfo(a.dtype).tiny)
+        return r - 2.0 * jnp.outer(v, dot(v, r)), q - 2.0 * jnp.outer(dot(q, v), v)
+
+    r, q = jax.lax.fori_loop(0, n, reflect, (a, jnp.eye(m, dtype=a.dtype)))
+    return q[:, :n] * jnp.where(jnp.diagonal(r) >= 0, 1.0, -1.0)
+
+
+def orthogonal(scale: float = 1.0) -> nn.initializers.Initializer:
+    """Orthogonal kernel initialiser for ``[fan_in, fan_out]`` kernels, drawn like
+    ``nn.initializers.orthogonal(scale)`` (same key, same Gaussian, same Q up to rounding) but
+    with the QR in plain jnp ops, so a ``vmap``-ed init calls no batched LAPACK kernel (see the
+    module docstring)."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        if len(shape) != 2:
+            raise ValueError(f"orthogonal: expected a 2-D kernel shape, got {tuple(shape)}")
+        rows, cols = shape
+        z = jax.random.normal(key, (max(rows, cols), min(rows, cols)), jnp.float32)
+        q = _householder_q(z)
+        q = q.T if rows < cols else q  # orthonormal rows or columns, whichever side is smaller
+        return (scale * q).astype(dtype)
+
+    return init
 
 
 class MLP(nn.Module):
@@ -40,9 +85,9 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         for width in self.hidden:
-            x = nn.Dense(width, kernel_init=nn.initializers.orthogonal(jnp.sqrt(2.0)))(x)
+            x = nn.Dense(width, kernel_init=orthogonal(math.sqrt(2.0)))(x)
             x = act(x)
-        return nn.Dense(self.out_size, kernel_init=nn.initializers.orthogonal(self.out_scale))(x)
+        return nn.Dense(self.out_size, kernel_init=orthogonal(self.out_scale))(x)
 
 
 class ActorCritic(nn.Module):
