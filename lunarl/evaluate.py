@@ -35,11 +35,13 @@ def _video(env: Any, policy: Any, params: Any, key: Any, episode_length: int, pa
     import jax
     import numpy as np
 
+    from lunarl import compile_options
     from lunarl.envs.render import write_video
     from lunarl.run import evaluation
 
     out = jax.jit(
-        lambda p, k: evaluation.evaluate(env, policy, p, k, 1, episode_length, True, return_states=True)
+        lambda p, k: evaluation.evaluate(env, policy, p, k, 1, episode_length, True, return_states=True),
+        compiler_options=compile_options(env),
     )(params, key)
     states = jax.device_get(out["states"])
     steps = int(np.asarray(out["episode_length"])[0])

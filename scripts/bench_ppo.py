@@ -15,10 +15,12 @@ chunk includes compilation, so
 measured the same way for both (for Brax from its own per-epoch ``training/walltime`` reported
 through ``progress_fn``; its evals are off). On a shared machine wall time is noisy, so the JSON
 also has steps per second of process CPU time (``*_sps_cpu``, ``ratio_cpu``). Returns are from the
-same deterministic ``lunarl.run.evaluation.evaluate`` on the final parameters of each. Then lunarl
-alone with 1, 8, 64 seeds vmapped in one program.
+same deterministic ``lunarl.run.evaluation.evaluate`` on the final parameters of each. The pair
+runs ``--repeats`` times, alternating, and the headline numbers are medians (the ratio is the
+median of the per-pair ratios). Both trainers compile with the same XLA flags (see
+``_match_xla_flags``). Then lunarl alone with 1, 8, 64 seeds vmapped in one program.
 
-    python scripts/bench_ppo.py                       # rover, ~1-2 min on a 2-core CPU
+    python scripts/bench_ppo.py                       # rover, ~4 min on a 2-core CPU
     python scripts/bench_ppo.py --env car_track --num-envs 256 --total-steps 500000
     python scripts/bench_ppo.py --set num_epochs=10 --set policy_hidden=256,256
 """
@@ -30,8 +32,10 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import pathlib
 import platform
+import re
 import statistics
 import time
 import typing
@@ -40,7 +44,7 @@ import jax
 
 import lunarl
 from lunarl.agents import ppo
-from lunarl.envs import LunarEnv, make, wrap_for_training
+from lunarl.envs import LunarEnv, env_class, make, wrap_for_training
 from lunarl.run.evaluation import evaluate, summarize
 
 
@@ -69,14 +73,15 @@ def run_lunarl(env: LunarEnv, cfg: ppo.PPOConfig, seeds: int, chunks: int, chunk
     def run_chunk(ts):
         return jax.lax.scan(lambda s, _: ppo.train_step(s), ts, None, length=chunk_iters)
 
-    # No buffer donation: interleaved A/B runs showed no difference on CPU, and a run with a
-    # donated vmapped state hung (all threads idle in futex waits; cause not isolated).
+    # Compiled as the train app compiles them (lunarl.compile_options). No buffer donation:
+    # interleaved A/B runs showed no difference on CPU.
+    opts = lunarl.compile_options(env)
     if seeds == 1:
-        init = jax.jit(lambda k: ppo.init(k, env, cfg))
-        chunk_fn = jax.jit(run_chunk)
+        init = jax.jit(lambda k: ppo.init(k, env, cfg), compiler_options=opts)
+        chunk_fn = jax.jit(run_chunk, compiler_options=opts)
     else:
-        init = jax.jit(jax.vmap(lambda k: ppo.init(k, env, cfg)))
-        chunk_fn = jax.jit(jax.vmap(run_chunk))
+        init = jax.jit(jax.vmap(lambda k: ppo.init(k, env, cfg)), compiler_options=opts)
+        chunk_fn = jax.jit(jax.vmap(run_chunk), compiler_options=opts)
     key = jax.random.PRNGKey(seed)
     ts = jax.block_until_ready(init(key if seeds == 1 else jax.random.split(key, seeds)))
     times, cpu_times = [], []
@@ -151,11 +156,27 @@ def run_brax(env: LunarEnv, cfg: ppo.PPOConfig, chunks: int, chunk_iters: int, s
     return policy, params, sps, compile_s, times, cpu_times
 
 
+def _match_xla_flags(env_name: str) -> bool:
+    """Give the whole process the XLA:CPU fusion-emitter setting lunarl compiles this env's programs
+    with (``lunarl.compile_options``): Brax's trainer jits with the process flags, so both trainers
+    then compile with the same flags. Must run before JAX's backend starts. Returns the setting."""
+    from jax._src import xla_bridge
+
+    on = bool(getattr(env_class(env_name), "cpu_fusion_emitters", False))
+    if "--xla_cpu_use_fusion_emitters" in os.environ.get("LUNARL_USER_XLA_FLAGS", ""):
+        return "--xla_cpu_use_fusion_emitters=true" in os.environ["XLA_FLAGS"]  # the user's choice
+    assert not xla_bridge.backends_are_initialized(), "set XLA flags before JAX starts"
+    flag = f"--xla_cpu_use_fusion_emitters={str(on).lower()}"
+    os.environ["XLA_FLAGS"] = re.sub(r"--xla_cpu_use_fusion_emitters=\w+", flag, os.environ["XLA_FLAGS"])
+    return on
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="rover")
     parser.add_argument("--num-envs", type=int, default=64)
     parser.add_argument("--total-steps", type=int, default=196_608, help="env steps per run (rounded to whole chunks)")
+    parser.add_argument("--repeats", type=int, default=3, help="side-by-side lunarl/Brax pairs; medians are reported")
     parser.add_argument("--seeds", default="1,8,64", help="seed counts for the vmapped-seeds scan ('' to skip)")
     parser.add_argument("--seed-iters", type=int, default=2, help="iterations per timed chunk in the seeds scan")
     parser.add_argument("--chunks", type=int, default=6, help="timed chunks per run; the first one compiles")
@@ -167,6 +188,11 @@ def main() -> None:
     )
     parser.add_argument("--out", default="bench_results/bench_ppo.json")
     args = parser.parse_args()
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats={args.repeats} is out of range: allowed >= 1")
+    if args.chunks < 2:
+        raise SystemExit(f"--chunks={args.chunks} is out of range: allowed >= 2 (the first one compiles)")
+    emitters = _match_xla_flags(args.env)
 
     env = make(args.env)
     overrides = dict(
@@ -183,7 +209,8 @@ def main() -> None:
     per_iter = cfg.num_envs * cfg.unroll_length
     chunk_iters = max(1, round(args.total_steps / (args.chunks * per_iter)))
     total_steps = args.chunks * chunk_iters * per_iter
-    print(f"env={args.env} total_steps={total_steps} ({args.chunks} chunks x {chunk_iters} iterations)")
+    print(f"env={args.env} total_steps={total_steps} ({args.chunks} chunks x {chunk_iters} iterations), "
+          f"{args.repeats} repeats, XLA:CPU fusion emitters {'on' if emitters else 'off'} for both trainers")
     print(f"config: {cfg}")
 
     ev = jax.jit(
@@ -191,56 +218,66 @@ def main() -> None:
             env, policy, params, key, args.eval_episodes, cfg.episode_length, deterministic=True
         ),
         static_argnums=0,
+        compiler_options=lunarl.compile_options(env),
     )
     eval_key = jax.random.PRNGKey(10_000 + args.seed)
     policy = ppo.make_policy(env, cfg)
-
-    ts, l_sps, l_compile, l_times, l_cpu = run_lunarl(env, cfg, 1, args.chunks, chunk_iters, args.seed)
-    l_eval = summarize(ev(policy, ppo.policy_params(ts), eval_key))
-    print(f"lunarl: {l_sps:,.0f} steps/s, compile {l_compile:.1f}s, chunks {[round(t, 2) for t in l_times]}, eval {l_eval}", flush=True)
 
     result: dict[str, typing.Any] = {
         "env": args.env,
         "total_steps": total_steps,
         "chunks": args.chunks,
         "chunk_iterations": chunk_iters,
+        "repeats": args.repeats,
+        "xla_cpu_fusion_emitters": emitters,
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
-        "lunarl_sps": l_sps,
-        "lunarl_compile_s": l_compile,
-        "lunarl_chunk_s": l_times,
-        "lunarl_chunk_cpu_s": l_cpu,
-        # Everything above steady state: compile plus any recompilation (Brax recompiles its
-        # epoch function on the second call here) plus noise.
-        "lunarl_overhead_s": sum(l_times) - len(l_times) * statistics.median(l_times[1:]),
-        "lunarl_sps_cpu": chunk_iters * per_iter / statistics.median(l_cpu[1:]),
-        "lunarl_return": l_eval["return_mean"],
-        "lunarl_success": l_eval["success_rate"],
         "eval_episodes": args.eval_episodes,
         "device": str(jax.devices()[0]),
         "host": platform.node(),
         "jax": jax.__version__,
         "lunarl": lunarl.__version__,
+        "runs": [],
     }
-    if not args.skip_brax:
-        b_policy, b_params, b_sps, b_compile, b_times, b_cpu = run_brax(env, cfg, args.chunks, chunk_iters, args.seed)
-        b_eval = summarize(ev(b_policy, b_params, eval_key))
-        print(f"brax:   {b_sps:,.0f} steps/s, compile {b_compile:.1f}s, chunks {[round(t, 2) for t in b_times]}, eval {b_eval}", flush=True)
-        result.update(
-            brax_sps=b_sps,
-            brax_compile_s=b_compile,
-            brax_chunk_s=b_times,
-            brax_chunk_cpu_s=b_cpu,
-            brax_overhead_s=sum(b_times) - len(b_times) * statistics.median(b_times[1:]),
-            brax_sps_cpu=chunk_iters * per_iter / statistics.median(b_cpu[1:]),
-            brax_return=b_eval["return_mean"],
-            brax_success=b_eval["success_rate"],
-            ratio=l_sps / b_sps,
-        )
-        result["ratio_cpu"] = result["lunarl_sps_cpu"] / result["brax_sps_cpu"]
-
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))  # written again as the seeds scan goes
+
+    # lunarl and Brax alternate, so slow phases of a shared machine hit both alike.
+    for repeat in range(args.repeats):
+        run: dict[str, typing.Any] = {}
+        ts, sps, compile_s, times, cpu = run_lunarl(env, cfg, 1, args.chunks, chunk_iters, args.seed)
+        ev_l = summarize(ev(policy, ppo.policy_params(ts), eval_key))
+        run.update(
+            lunarl_sps=sps,
+            lunarl_compile_s=compile_s,
+            lunarl_chunk_s=times,
+            lunarl_sps_cpu=chunk_iters * per_iter / statistics.median(cpu[1:]),
+            lunarl_return=ev_l["return_mean"],
+            lunarl_success=ev_l["success_rate"],
+        )
+        print(f"[{repeat}] lunarl: {sps:,.0f} steps/s, compile {compile_s:.1f}s, chunks {[round(t, 2) for t in times]}, eval {ev_l}", flush=True)
+        if not args.skip_brax:
+            b_policy, b_params, sps, compile_s, times, cpu = run_brax(env, cfg, args.chunks, chunk_iters, args.seed)
+            ev_b = summarize(ev(b_policy, b_params, eval_key))
+            run.update(
+                brax_sps=sps,
+                # Everything above steady state: compile plus Brax's recompile of its epoch
+                # function on the second call, plus noise.
+                brax_compile_s=compile_s,
+                brax_overhead_s=sum(times) - len(times) * statistics.median(times[1:]),
+                brax_chunk_s=times,
+                brax_sps_cpu=chunk_iters * per_iter / statistics.median(cpu[1:]),
+                brax_return=ev_b["return_mean"],
+                brax_success=ev_b["success_rate"],
+            )
+            run.update(ratio=run["lunarl_sps"] / run["brax_sps"], ratio_cpu=run["lunarl_sps_cpu"] / run["brax_sps_cpu"])
+            print(f"[{repeat}] brax:   {sps:,.0f} steps/s, compile {compile_s:.1f}s, chunks {[round(t, 2) for t in times]}, eval {ev_b}", flush=True)
+            print(f"[{repeat}] ratio lunarl/brax {run['ratio']:.2f} (wall), {run['ratio_cpu']:.2f} (CPU time)", flush=True)
+        result["runs"].append(run)
+        # Headline numbers: medians over the repeats so far (ratios are medians of per-pair ratios).
+        for key in run:
+            if not key.endswith("_chunk_s"):
+                result[key] = statistics.median(r[key] for r in result["runs"])
+        out.write_text(json.dumps(result, indent=2))
 
     result["lunarl_seeds_sps"] = seed_sps = {}
     for n in [int(s) for s in args.seeds.split(",") if s]:
@@ -249,12 +286,18 @@ def main() -> None:
         print(f"lunarl x{n} seeds: {sps:,.0f} steps/s (all seeds), compile {compile_s:.1f}s", flush=True)
         out.write_text(json.dumps(result, indent=2))
 
-    print()
+    print(f"\nmedians of {args.repeats} side-by-side repeats")
     print(f"{'':10s}{'steps/s':>12s}{'compile s':>11s}{'return':>10s}{'success':>9s}")
-    print(f"{'lunarl':10s}{l_sps:12,.0f}{l_compile:11.1f}{l_eval['return_mean']:10.2f}{l_eval['success_rate']:9.2f}")
-    if "brax_sps" in result:
-        print(f"{'brax':10s}{b_sps:12,.0f}{b_compile:11.1f}{b_eval['return_mean']:10.2f}{b_eval['success_rate']:9.2f}")
+    for name in ("lunarl", "brax"):
+        if f"{name}_sps" in result:
+            print(
+                f"{name:10s}{result[f'{name}_sps']:12,.0f}{result[f'{name}_compile_s']:11.1f}"
+                f"{result[f'{name}_return']:10.2f}{result[f'{name}_success']:9.2f}"
+            )
+    if "ratio" in result:
         print(f"ratio lunarl/brax: {result['ratio']:.2f} (wall), {result['ratio_cpu']:.2f} (process CPU time)")
+        if "brax_overhead_s" in result:
+            print(f"brax time above steady state (compile + recompile): {result['brax_overhead_s']:.1f} s")
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 

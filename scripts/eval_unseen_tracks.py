@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import OmegaConf
 
+import lunarl
 from lunarl.envs.base import LunarEnv
 from lunarl.run.checkpoint import Checkpoints
 from lunarl.run.evaluation import summarize
@@ -104,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     policy = agent.make_policy(env, plan.agent_config)
     params = jax.vmap(agent.policy_params)(state)  # leading seed axis
     keys = track_keys(args.first_track_seed, args.episodes)
-    run = jax.jit(jax.vmap(lambda p: drive_tracks(env, policy, p, keys, plan.agent_config.episode_length)))
+    run = jax.jit(
+        jax.vmap(lambda p: drive_tracks(env, policy, p, keys, plan.agent_config.episode_length)),
+        compiler_options=lunarl.compile_options(env),
+    )
     result = jax.device_get(run(params))
 
     per_seed = [summarize({k: np.asarray(v)[i] for k, v in result.items()}) for i in range(plan.cfg.num_seeds)]

@@ -68,6 +68,9 @@ class LunarEnv(Env):
     #: their networks as (cos, sin) as well: the raw value jumps by 2 pi across the wrap, which an
     #: MLP must otherwise learn to bridge exactly where a task may need to steer.
     angle_observations: ClassVar[tuple[int, ...]] = ()
+    #: Compile lunarl's training/evaluation programs for this env with XLA:CPU's fusion emitters
+    #: on (faster networks); MJX envs set False. See ``lunarl._platform.compile_options``.
+    cpu_fusion_emitters: ClassVar[bool] = True
 
     def __init__(self, config: EnvConfig | None = None, **overrides: Any):
         if config is None:

@@ -210,6 +210,8 @@ class Kuka(LunarEnv):
 
     config_cls: ClassVar[type[EnvConfig]] = KukaConfig
     default_episode_length: ClassVar[int] = 150
+    #: MJX on XLA:CPU is orders of magnitude slower with the fusion emitters on.
+    cpu_fusion_emitters: ClassVar[bool] = False
 
     def __init__(self, config: KukaConfig | None = None, **overrides: Any):
         super().__init__(config, **overrides)

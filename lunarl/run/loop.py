@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 from omegaconf import OmegaConf
 
+from lunarl._platform import compile_options
 from lunarl.run.checkpoint import Checkpoints
 from lunarl.run.logger import RunLogger
 from lunarl.run.schema import Plan
@@ -76,7 +77,11 @@ def seed_sharding(num_seeds: int) -> jax.sharding.Sharding:
 
 def init_state(agent: ModuleType, env: Any, cfg: Any, keys: jax.Array) -> Any:
     """The seeds' TrainStates, stacked on a leading seed axis, placed by ``seed_sharding``."""
-    init = jax.jit(jax.vmap(lambda k: agent.init(k, env, cfg)), out_shardings=seed_sharding(keys.shape[0]))
+    init = jax.jit(
+        jax.vmap(lambda k: agent.init(k, env, cfg)),
+        out_shardings=seed_sharding(keys.shape[0]),
+        compiler_options=compile_options(env),
+    )
     return init(keys)
 
 
@@ -93,11 +98,13 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
-def make_chunk(agent: ModuleType, num_iterations: int) -> Callable[[Any], tuple[Any, dict, jax.Array]]:
+def make_chunk(
+    agent: ModuleType, num_iterations: int, env: Any = None
+) -> Callable[[Any], tuple[Any, dict, jax.Array]]:
     """``chunk(ts) -> (ts, metrics[K, S], finite)``: K vmapped iterations as one ``lax.scan``.
 
     ``finite`` is False when any loss or parameter became NaN/inf, so the host can stop before
-    the broken state is saved.
+    the broken state is saved. ``env`` (the one the states step) picks the XLA compile options.
     """
     step = jax.vmap(agent.train_step)
 
@@ -106,7 +113,7 @@ def make_chunk(agent: ModuleType, num_iterations: int) -> Callable[[Any], tuple[
         finite = _all_finite(metrics) & _all_finite(jax.vmap(agent.policy_params)(ts))
         return ts, metrics, finite
 
-    return jax.jit(chunk)
+    return jax.jit(chunk, compiler_options=compile_options(env))
 
 
 def make_evaluator(agent: ModuleType, env: Any, cfg: Any, num_episodes: int, deterministic: bool = True) -> Callable[[Any, jax.Array], dict]:
@@ -118,7 +125,7 @@ def make_evaluator(agent: ModuleType, env: Any, cfg: Any, num_episodes: int, det
     def one_seed(params: Any, key: jax.Array) -> dict:
         return evaluation.evaluate(env, policy, params, key, num_episodes, cfg.episode_length, deterministic)
 
-    return jax.jit(jax.vmap(one_seed))
+    return jax.jit(jax.vmap(one_seed), compiler_options=compile_options(env))
 
 
 def eval_keys(seed: int, iteration: int, num_seeds: int) -> jax.Array:
@@ -217,7 +224,7 @@ def train(plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogge
             return TrainResult("already-finished", iteration, iteration * plan.steps_per_iteration, ts)
 
         t0 = time.perf_counter()
-        chunk = make_chunk(agent, chunk_len).lower(ts).compile()
+        chunk = make_chunk(agent, chunk_len, env).lower(ts).compile()
         evaluator = None
         if cfg.run.eval_every:
             params = jax.vmap(agent.policy_params)(ts)
