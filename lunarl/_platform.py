@@ -6,8 +6,9 @@ jax 0.10.2, mujoco-mjx 3.17):
 * MJX is orders of magnitude slower with them on (tens of steps/s against about 12k with them
   off), so ``configure_xla`` turns them off for the whole process before JAX starts: whatever a
   user jits by hand stays usable.
-* PPO's small MLPs run 2-3x faster with them on, a whole rover iteration (128 envs, (64, 64)
-  nets) about 1.45x, car_track's about 1.35x. So lunarl's own training and evaluation programs
+* PPO's small MLPs run 2-3x faster with them on; a bare jitted rover iteration (128 envs,
+  (64, 64) nets) about 1.45x, car_track's about 1.35x (the train app's seed-vmapped chunk,
+  already faster with them off, about 5%). So lunarl's own training and evaluation programs
   are compiled with ``compile_options(env)``, which turns them back on for envs that declare
   ``cpu_fusion_emitters = True`` (every env but the MJX one).
 
