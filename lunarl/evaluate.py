@@ -4,6 +4,8 @@ Restores a checkpoint of a training run (env, agent and network shape come from 
 with it), runs ``eval.episodes`` vmapped episodes with the deterministic policy of every seed, and
 prints and saves (``<run.dir>/eval-<which>-<iteration>.json``) the mean and std of the return, the
 success rate and the episode length. ``eval.video=true`` also writes a GIF of one episode.
+``+env.FIELD=VALUE`` evaluates in a variant of the saved env (other reward weights, more rocks),
+as long as the observation and action sizes stay the same.
 Exit codes: 0 done; 1 missing run dir or checkpoint, or a bad override (the message names it).
 """
 
@@ -57,6 +59,23 @@ def _checkpoint_dir(run_dir: Path) -> str:
     return str(run_dir / "checkpoints")
 
 
+def _env_variant(env: Any, name: str, overrides: dict[str, Any]) -> Any:
+    """``env`` with ``overrides`` applied to its config, checked like the train app's ``env.*``."""
+    import lunarl.envs
+
+    try:
+        variant = lunarl.envs.env_class(name)(env.config.replace(**overrides))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"env override {overrides}: {e}") from e
+    if (variant.observation_size, variant.action_size) != (env.observation_size, env.action_size):
+        raise ConfigError(
+            f"env override {overrides} changes the observation or action size "
+            f"({env.observation_size}, {env.action_size}) -> ({variant.observation_size}, "
+            f"{variant.action_size}); the policy cannot act in that env"
+        )
+    return variant
+
+
 def evaluate_run(app: EvalAppSchema) -> dict[str, Any]:
     """Evaluate a checkpoint of ``app.run.dir``; returns what is written to the JSON file."""
     import jax
@@ -77,10 +96,14 @@ def evaluate_run(app: EvalAppSchema) -> dict[str, Any]:
     finally:
         ckpts.close()
     params = jax.vmap(agent.policy_params)(state)
+    if app.env:
+        # The state above was restored with the saved env (its shapes); only acting uses the variant.
+        env = _env_variant(env, plan.env_name, app.env)
     evaluator = make_evaluator(agent, env, plan.agent_config, app.eval.episodes, app.eval.deterministic)
     keys = eval_keys(app.eval.seed, meta["iteration"], plan.cfg.num_seeds)
     row = eval_row(jax.device_get(evaluator(params, keys)))
     result: dict[str, Any] = {
+        "env_overrides": dict(app.env),
         "checkpoint": app.checkpoint,
         "iteration": meta["iteration"],
         "global_step": meta["global_step"],
@@ -89,13 +112,14 @@ def evaluate_run(app: EvalAppSchema) -> dict[str, Any]:
         "deterministic": app.eval.deterministic,
         **row,
     }
-    stem = f"eval-{app.checkpoint}-{meta['iteration']}"
+    stem = f"eval-{app.checkpoint}-{meta['iteration']}" + "".join(f"-{k}={v}" for k, v in app.env.items())
     if app.eval.video:
         seed0 = jax.tree.map(lambda x: x[0], params)
         policy = agent.make_policy(env, plan.agent_config)
         path = _video(env, policy, seed0, keys[0], plan.agent_config.episode_length, run_dir / f"{stem}.gif")
         result["video"] = str(path)
-    (run_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["saved"] = str(run_dir / f"{stem}.json")
+    Path(result["saved"]).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -116,14 +140,14 @@ def main(cfg: DictConfig) -> None:
         if type(e).__module__.startswith("omegaconf"):
             fail(" ".join(str(e).split()))
         raise
+    variant = "".join(f" {k}={v}" for k, v in result["env_overrides"].items())
     print(
-        f"{result['env']} @ iteration {result['iteration']} ({result['global_step']:,} env steps), "
+        f"{result['env']}{variant} @ iteration {result['iteration']} ({result['global_step']:,} env steps), "
         f"{result['episodes_per_seed']} episodes per seed: return {result['eval/episode_return']:.2f} "
         f"± {result['eval/episode_return_std']:.2f}, success {result['eval/success_rate']:.1%}, "
         f"length {result['eval/episode_length']:.1f}"
     )
-    print(f"saved {Path(cfg.run.dir) / ('eval-' + str(result['checkpoint']) + '-' + str(result['iteration']) + '.json')}"
-          + (f" and {result['video']}" if "video" in result else ""))
+    print(f"saved {result['saved']}" + (f" and {result['video']}" if "video" in result else ""))
 
 
 if __name__ == "__main__":

@@ -189,6 +189,18 @@ def test_evaluate_a_finished_run(finished_run, app_env, tmp_path):
     assert Path(result["video"]).stat().st_size > 0
 
 
+def test_evaluate_in_a_variant_of_the_saved_env(finished_run, app_env, tmp_path):
+    args = [f"run.dir={finished_run}", "eval.episodes=4", "+env.reward_rock_hit=-10", "+env.num_rocks=9"]
+    proc = run_app(app_env, "lunarl.evaluate", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reward_rock_hit=-10 num_rocks=9" in proc.stdout
+    [saved] = list(finished_run.glob("eval-latest-*-reward_rock_hit=-10-num_rocks=9.json"))
+    assert json.loads(saved.read_text())["env_overrides"] == {"reward_rock_hit": -10, "num_rocks": 9}
+    # A bad value is named, and nothing is evaluated.
+    proc = run_app(app_env, "lunarl.evaluate", f"run.dir={finished_run}", "+env.num_rocks=-1", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "num_rocks" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("target", ["missing_dir", "missing_checkpoint"])
 def test_evaluate_missing_path_names_it(target, finished_run, app_env, tmp_path):
     if target == "missing_dir":

@@ -120,6 +120,9 @@ class EvalAppSchema:
     checkpoint: str = "latest"  # latest | best | an iteration number
     checkpoint_dir: str | None = None  # default: checkpoint.dir of the run's config.yaml
     eval: EvalSchema = field(default_factory=EvalSchema)
+    # Env fields to change for this evaluation only (``+env.reward_rock_hit=-10``,
+    # ``+env.num_rocks=12``): the policy trained on the saved env, tested on a variant of it.
+    env: dict[str, Any] = field(default_factory=dict)
 
 
 def register_schemas() -> None:
