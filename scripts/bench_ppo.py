@@ -23,6 +23,9 @@ median of the per-pair ratios). Both trainers compile with the same XLA flags (s
     python scripts/bench_ppo.py                       # rover, ~4 min on a 2-core CPU
     python scripts/bench_ppo.py --env car_track --num-envs 256 --total-steps 500000
     python scripts/bench_ppo.py --set num_epochs=10 --set policy_hidden=256,256
+    # learning side by side: the rover with experiment/rover.yaml's penalties, 2 M steps each
+    python scripts/bench_ppo.py --env-set reward_rock_hit=-0.1 --env-set reward_wall_hit=-0.1 \
+        --set reward_scaling=0.1 --set entropy_coef=0.001 --total-steps 2000000 --seeds ''
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import jax
 
 import lunarl
 from lunarl.agents import ppo
-from lunarl.envs import LunarEnv, env_class, make, wrap_for_training
+from lunarl.envs import LunarEnv, config_class, env_class, make, wrap_for_training
 from lunarl.run.evaluation import evaluate, summarize
 
 
@@ -52,7 +55,7 @@ def _parse_override(cfg_cls: type, text: str) -> tuple[str, typing.Any]:
     key, _, value = text.partition("=")
     hints = typing.get_type_hints(cfg_cls)
     if key not in hints:
-        raise SystemExit(f"--set {text}: unknown PPOConfig field {key!r}")
+        raise SystemExit(f"{text}: unknown {cfg_cls.__name__} field {key!r}")
     hint = hints[key]
     if hint is bool:
         return key, value.lower() in ("1", "true", "yes")
@@ -183,6 +186,9 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="PPOConfig override (repeatable)"
     )
+    parser.add_argument(
+        "--env-set", action="append", default=[], metavar="FIELD=VALUE", help="env config override (repeatable)"
+    )
     parser.add_argument("--out", default="bench_results/bench_ppo.json")
     args = parser.parse_args()
     if args.repeats < 1:
@@ -191,7 +197,8 @@ def main() -> None:
         raise SystemExit(f"--chunks={args.chunks} is out of range: allowed >= 2 (the first one compiles)")
     emitters = _match_xla_flags(args.env)
 
-    env = make(args.env)
+    env_overrides = dict(_parse_override(config_class(args.env), s) for s in args.env_set)
+    env = make(args.env, **env_overrides)
     overrides = dict(
         num_envs=args.num_envs,
         episode_length=env.default_episode_length,
@@ -227,6 +234,7 @@ def main() -> None:
         "chunk_iterations": chunk_iters,
         "repeats": args.repeats,
         "xla_cpu_fusion_emitters": emitters,
+        "env_overrides": env_overrides,
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
         "eval_episodes": args.eval_episodes,
         "device": str(jax.devices()[0]),
