@@ -82,7 +82,9 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
     logger = RunLogger(
         JsonlWriter(run_dir / "metrics.jsonl"),
         WandbLogger(wb.mode, wb.project, wb.entity, wb.group, wb.tags, f"{plan.cfg.name}:{job_label}", run_dir, config),
-        ConsoleProgress(plan.total_iterations * plan.steps_per_iteration, 0, plan.cfg.logger.console),
+        ConsoleProgress(
+            plan.total_iterations * plan.steps_per_iteration, 0, plan.cfg.logger.console, plan.cfg.num_seeds
+        ),
     )
     logger.print(f"lunarl.train on {jax.default_backend()} ({jax.device_count()} device(s)), run dir {run_dir}")
     code = 0

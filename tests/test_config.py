@@ -218,3 +218,13 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     assert [r["iteration"] for r in rows] == [5, 10]  # the diverged chunk is not logged
     for key in ("losses/value_loss", "losses/entropy"):  # both seeds, and their mean
         assert all(r[key] == pytest.approx((r[f"seed0/{key}"] + r[f"seed1/{key}"]) / 2) for r in rows)
+
+
+def test_console_eta_counts_steps_per_seed(capsys):
+    from lunarl.run.logger import ConsoleProgress
+
+    # global_step and the total are env steps per seed; steps/s counts all seeds together.
+    progress = ConsoleProgress(1000, 0, enabled=True, num_seeds=2)
+    assert not progress.live  # pytest's captured stdout is not a terminal: plain lines
+    progress.update({"global_step": 500, "perf/steps_per_second": 100.0})
+    assert "eta 10s" in capsys.readouterr().out  # 500 steps x 2 seeds / 100 per s

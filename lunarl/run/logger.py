@@ -89,10 +89,11 @@ class WandbLogger:
 class ConsoleProgress:
     """Env steps, steps/s, return, success rate and ETA, as a live bar or plain lines."""
 
-    def __init__(self, total_steps: int, start_steps: int, enabled: bool = True):
+    def __init__(self, total_steps: int, start_steps: int, enabled: bool = True, num_seeds: int = 1):
         self.console = Console()
         self.enabled = enabled
-        self.total = total_steps
+        self.total = total_steps  # env steps per seed, like ``global_step``
+        self.num_seeds = num_seeds  # steps/s counts all seeds
         self.live = enabled and self.console.is_terminal
         self.last_return = float("nan")
         self.last_success = float("nan")
@@ -134,7 +135,7 @@ class ConsoleProgress:
         if self.progress is not None:
             self.progress.update(self.task, description="train", completed=steps, sps=sps, ret=ret, success=success)
             return
-        eta = (self.total - steps) / sps if sps > 0 else float("nan")
+        eta = (self.total - steps) * self.num_seeds / sps if sps > 0 else float("nan")
         self.print(
             f"step {steps:,}/{self.total:,}  {sps:,.0f} steps/s  return {ret:.2f}  "
             f"success {success:.0%}  eta {eta:,.0f}s"
