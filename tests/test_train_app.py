@@ -201,6 +201,23 @@ def test_evaluate_in_a_variant_of_the_saved_env(finished_run, app_env, tmp_path)
     assert proc.returncode == 1 and "num_rocks" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_learning_curve_script_reads_a_finished_run(finished_run, tmp_path):
+    script = Path(__file__).parents[1] / "scripts" / "learning_curve.py"
+    out = tmp_path / "curve.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(finished_run), "--target", "0.0", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = json.loads(out.read_text())
+    # Evaluations at iterations 10 and 20 of 16 envs x 16 steps.
+    assert [row["env_steps"] for row in curve["evaluations"]] == [2560, 5120]
+    assert curve["first_reached"]["env_steps"] == 2560  # any success rate is >= 0
+    assert "| 0.00 |" in proc.stdout and "first eval success >= 0.0" in proc.stdout
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "no metrics file" in proc.stderr
+
+
 @pytest.mark.parametrize("target", ["missing_dir", "missing_checkpoint"])
 def test_evaluate_missing_path_names_it(target, finished_run, app_env, tmp_path):
     if target == "missing_dir":
