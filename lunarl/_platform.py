@@ -36,6 +36,19 @@ def configure_xla() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}=false".strip()
 
 
+def set_process_fusion_emitters(on: bool) -> bool:
+    """Turn the fusion emitters on or off for every program of this process, unless the user set
+    the flag; returns the setting in force. Only effective before JAX starts its backend (for
+    scripts that must give code they do not compile themselves, e.g. Brax's trainer, the setting
+    lunarl's own programs get)."""
+    if _user_set_flag():
+        return f"{_FLAG}=true" in os.environ["LUNARL_USER_XLA_FLAGS"].lower()
+    flags = os.environ.get("XLA_FLAGS", "")
+    kept = [f for f in flags.split() if not f.startswith(_FLAG)]
+    os.environ["XLA_FLAGS"] = " ".join([*kept, f"{_FLAG}={str(on).lower()}"])
+    return on
+
+
 def compile_options(env: Any) -> dict[str, Any]:
     """``jax.jit(..., compiler_options=...)`` for a program that steps ``env`` (see the module doc)."""
     import jax

@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import yaml
 
 __all__ = ["Config", "bounded"]
 
@@ -108,6 +110,34 @@ class Config:
                 f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}"
             )
         return cls(**overrides)
+
+    @classmethod
+    def parse_overrides(cls, items: Iterable[str]) -> dict[str, Any]:
+        """Command-line ``FIELD=VALUE`` strings as keyword overrides for ``build``.
+
+        Values are read as YAML (``true``, ``3``, ``0.1``, ``[64, 64]``); a tuple field also takes
+        ``64,64``. Types and ranges are checked by ``build``, like any other override.
+        """
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        out: dict[str, Any] = {}
+        for item in items:
+            key, sep, text = item.partition("=")
+            if not sep or key not in known:
+                raise ValueError(
+                    f"{cls.__name__}: {item!r} is not FIELD=VALUE with a known field; known fields: {sorted(known)}"
+                )
+            hint = hints[key]
+            if typing.get_origin(hint) is tuple and not text.lstrip().startswith("["):
+                text = f"[{text}]"
+            value = yaml.safe_load(text)
+            if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass  # left for build to reject, naming the field
+            out[key] = value
+        return out
 
     def replace(self, **overrides: Any) -> Config:
         return type(self).build(**{**dataclasses.asdict(self), **overrides})

@@ -98,27 +98,6 @@ def _configure_xla(**choices: str) -> None:
     os.environ["XLA_FLAGS"] = " ".join(flags)
 
 
-def _parse_overrides(items: list[str], config_cls: type) -> dict[str, Any]:
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(config_cls)
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
-        hint = hints[key]
-        if hint is bool:
-            out[key] = value.lower() in ("1", "true", "yes", "on")
-        elif hint in (int, float, str):
-            out[key] = hint(value)
-        else:
-            out[key] = json.loads(value)
-    return out
-
-
 def bench_jax(
     env, num_envs: int, steps: int, repeats: int, mode: str, episode_length: int | None, seed: int
 ) -> dict[str, Any]:
@@ -241,8 +220,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import lunarl
 
     env_cls = lunarl.envs.env_class(args.env)
-    overrides = _parse_overrides(args.set, env_cls.config_cls)
-    env = lunarl.envs.make(args.env, **overrides)
+    try:
+        overrides = env_cls.config_cls.parse_overrides(args.set)
+        env = lunarl.envs.make(args.env, **overrides)
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from e
     backend = jax.default_backend()
     if args.num_envs:
         sizes = [int(s) for s in args.num_envs.split(",") if s]

@@ -18,7 +18,7 @@ also has steps per second of process CPU time (``*_sps_cpu``, ``ratio_cpu``). Re
 same deterministic ``lunarl.run.evaluation.evaluate`` on the final parameters of each. The pair
 runs ``--repeats`` times, alternating, and the headline numbers are medians (the ratio is the
 median of the per-pair ratios). Both trainers compile with the same XLA flags (see
-``_match_xla_flags``). Then lunarl alone with 1, 8, 64 seeds vmapped in one program.
+``lunarl._platform.set_process_fusion_emitters``). Then lunarl alone with 1, 8, 64 seeds vmapped in one program.
 
     python scripts/bench_ppo.py                       # rover, ~4 min on a 2-core CPU
     python scripts/bench_ppo.py --env car_track --num-envs 256 --total-steps 500000
@@ -35,10 +35,8 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
 import pathlib
 import platform
-import re
 import statistics
 import time
 import typing
@@ -46,22 +44,17 @@ import typing
 import jax
 
 import lunarl
+from lunarl._platform import set_process_fusion_emitters
 from lunarl.agents import ppo
 from lunarl.envs import LunarEnv, config_class, env_class, make, wrap_for_training
 from lunarl.run.evaluation import evaluate, summarize
 
 
-def _parse_override(cfg_cls: type, text: str) -> tuple[str, typing.Any]:
-    key, _, value = text.partition("=")
-    hints = typing.get_type_hints(cfg_cls)
-    if key not in hints:
-        raise SystemExit(f"{text}: unknown {cfg_cls.__name__} field {key!r}")
-    hint = hints[key]
-    if hint is bool:
-        return key, value.lower() in ("1", "true", "yes")
-    if typing.get_origin(hint) is tuple:
-        return key, tuple(int(v) for v in value.split(",") if v)
-    return key, hint(value) if hint in (int, float, str) else value
+def _overrides(cfg_cls: type, items: list[str], flag: str) -> dict[str, typing.Any]:
+    try:
+        return cfg_cls.parse_overrides(items)
+    except ValueError as e:
+        raise SystemExit(f"{flag}: {e}") from e
 
 
 def _chunk_stats(times: list[float], steps_per_chunk: int) -> tuple[float, float]:
@@ -159,18 +152,6 @@ def run_brax(env: LunarEnv, cfg: ppo.PPOConfig, chunks: int, chunk_iters: int, s
     return policy, params, sps, compile_s, times, cpu_times
 
 
-def _match_xla_flags(env_name: str) -> bool:
-    """Give the whole process the XLA:CPU fusion-emitter setting lunarl compiles this env's programs
-    with (``lunarl.compile_options``): Brax's trainer jits with the process flags, so both trainers
-    then compile with the same flags. Must run before JAX's backend starts. Returns the setting."""
-    on = bool(getattr(env_class(env_name), "cpu_fusion_emitters", False))
-    if "--xla_cpu_use_fusion_emitters" in os.environ.get("LUNARL_USER_XLA_FLAGS", ""):
-        return "--xla_cpu_use_fusion_emitters=true" in os.environ["XLA_FLAGS"]  # the user's choice
-    flag = f"--xla_cpu_use_fusion_emitters={str(on).lower()}"
-    os.environ["XLA_FLAGS"] = re.sub(r"--xla_cpu_use_fusion_emitters=\w+", flag, os.environ["XLA_FLAGS"])
-    return on
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="rover")
@@ -195,10 +176,15 @@ def main() -> None:
         raise SystemExit(f"--repeats={args.repeats} is out of range: allowed >= 1")
     if args.chunks < 2:
         raise SystemExit(f"--chunks={args.chunks} is out of range: allowed >= 2 (the first one compiles)")
-    emitters = _match_xla_flags(args.env)
+    # Brax's trainer jits with the process's XLA flags: give the process the setting lunarl's own
+    # programs get for this env (lunarl.compile_options), so both trainers compile alike.
+    emitters = set_process_fusion_emitters(getattr(env_class(args.env), "cpu_fusion_emitters", False))
 
-    env_overrides = dict(_parse_override(config_class(args.env), s) for s in args.env_set)
-    env = make(args.env, **env_overrides)
+    env_overrides = _overrides(config_class(args.env), args.env_set, "--env-set")
+    try:
+        env = make(args.env, **env_overrides)
+    except ValueError as e:
+        raise SystemExit(f"--env-set: {e}") from e
     overrides = dict(
         num_envs=args.num_envs,
         episode_length=env.default_episode_length,
@@ -208,8 +194,11 @@ def main() -> None:
         policy_hidden=(64, 64),
         value_hidden=(64, 64),
     )
-    overrides.update(_parse_override(ppo.PPOConfig, s) for s in args.set)
-    cfg = ppo.PPOConfig.build(**overrides)
+    overrides.update(_overrides(ppo.PPOConfig, args.set, "--set"))
+    try:
+        cfg = ppo.PPOConfig.build(**overrides)
+    except ValueError as e:
+        raise SystemExit(f"--set: {e}") from e
     per_iter = cfg.num_envs * cfg.unroll_length
     chunk_iters = max(1, round(args.total_steps / (args.chunks * per_iter)))
     total_steps = args.chunks * chunk_iters * per_iter

@@ -228,3 +228,23 @@ def test_console_eta_counts_steps_per_seed(capsys):
     assert not progress.live  # pytest's captured stdout is not a terminal: plain lines
     progress.update({"global_step": 500, "perf/steps_per_second": 100.0})
     assert "eta 10s" in capsys.readouterr().out  # 500 steps x 2 seeds / 100 per s
+
+
+def test_parse_overrides_types_values_and_names_bad_fields():
+    from lunarl.agents.ppo import PPOConfig
+
+    got = PPOConfig.parse_overrides(
+        ["num_envs=8", "learning_rate=1e-3", "lr_decay=true", "policy_hidden=32,32", "value_hidden=[16]", "activation=relu"]
+    )
+    assert got == {
+        "num_envs": 8, "learning_rate": 1e-3, "lr_decay": True, "policy_hidden": [32, 32],
+        "value_hidden": [16], "activation": "relu",
+    }  # fmt: skip
+    cfg = PPOConfig.build(**got)
+    assert cfg.policy_hidden == (32, 32) and cfg.value_hidden == (16,)
+    for bad in ("nope=1", "num_envs"):
+        with pytest.raises(ValueError, match="known fields"):
+            PPOConfig.parse_overrides([bad])
+    # Values are parsed, then checked by build like any override.
+    with pytest.raises(ValueError, match="num_envs"):
+        PPOConfig.build(**PPOConfig.parse_overrides(["num_envs=abc"]))

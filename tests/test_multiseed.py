@@ -65,7 +65,7 @@ CHILD = textwrap.dedent(
     state = loop.init_state(ppo, env, cfg, loop.seed_keys(0, {NUM_SEEDS}))
     jax.block_until_ready(state)
     print("init done", flush=True)
-    state, metrics, finite = loop.make_chunk(ppo, 2)(state)
+    state, metrics, finite = loop.make_chunk(ppo, env, 2)(state)
     jax.block_until_ready(state)
     assert bool(finite), "non-finite losses or parameters"
     assert np.asarray(state.iteration).tolist() == [2] * {NUM_SEEDS}, state.iteration

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import jax
 
 import lunarl
@@ -24,6 +26,19 @@ def test_a_user_set_flag_wins(monkeypatch):
     monkeypatch.setenv("LUNARL_USER_XLA_FLAGS", "--xla_cpu_use_fusion_emitters=true")
     assert lunarl.compile_options(env_class("kuka")) == {}
     assert lunarl.compile_options(env_class("rover")) == {}
+
+
+def test_set_process_fusion_emitters_replaces_lunarls_default(monkeypatch):
+    from lunarl._platform import set_process_fusion_emitters
+
+    monkeypatch.setenv("LUNARL_USER_XLA_FLAGS", "")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1 --xla_cpu_use_fusion_emitters=false")
+    assert set_process_fusion_emitters(True) is True
+    assert os.environ["XLA_FLAGS"] == "--xla_foo=1 --xla_cpu_use_fusion_emitters=true"
+    # The user's own setting is kept and reported.
+    monkeypatch.setenv("LUNARL_USER_XLA_FLAGS", "--xla_cpu_use_fusion_emitters=false")
+    assert set_process_fusion_emitters(True) is False
+    assert os.environ["XLA_FLAGS"].endswith("--xla_cpu_use_fusion_emitters=true")  # untouched
 
 
 def test_options_compile_and_give_the_same_numbers():

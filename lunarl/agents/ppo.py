@@ -173,19 +173,22 @@ def _optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
     )
 
 
+def _angle_indices(env: LunarEnv, cfg: PPOConfig) -> tuple[int, ...]:
+    return tuple(getattr(env, "angle_observations", ())) if cfg.angle_features else ()
+
+
 def _features(env: LunarEnv, cfg: PPOConfig, stats: RunningStats, obs: jax.Array) -> jax.Array:
     """Network input: the (normalised) observation, plus (cos, sin) of the env's angle entries."""
     x = stats.normalize(obs) if cfg.normalize_observations else obs
-    angles = tuple(getattr(env, "angle_observations", ()))
-    if cfg.angle_features and angles:
+    angles = _angle_indices(env, cfg)
+    if angles:
         raw = obs[..., angles]
         x = jnp.concatenate([x, jnp.cos(raw), jnp.sin(raw)], axis=-1)
     return x
 
 
 def _feature_size(env: LunarEnv, cfg: PPOConfig) -> int:
-    angles = getattr(env, "angle_observations", ()) if cfg.angle_features else ()
-    return env.observation_size + 2 * len(angles)
+    return env.observation_size + 2 * len(_angle_indices(env, cfg))
 
 
 def _as_raw_key(rng: jax.Array) -> jax.Array:

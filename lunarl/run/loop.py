@@ -33,12 +33,12 @@ __all__ = [
     "TrainingDiverged",
     "TrainResult",
     "abstract_state",
-    "seed_sharding",
     "eval_row",
     "init_state",
     "make_chunk",
     "make_evaluator",
     "reduce_chunk",
+    "seed_sharding",
     "train",
 ]
 
@@ -98,9 +98,7 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
-def make_chunk(
-    agent: ModuleType, num_iterations: int, env: Any = None
-) -> Callable[[Any], tuple[Any, dict, jax.Array]]:
+def make_chunk(agent: ModuleType, env: Any, num_iterations: int) -> Callable[[Any], tuple[Any, dict, jax.Array]]:
     """``chunk(ts) -> (ts, metrics[K, S], finite)``: K vmapped iterations as one ``lax.scan``.
 
     ``finite`` is False when any loss or parameter became NaN/inf, so the host can stop before
@@ -224,7 +222,7 @@ def train(plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogge
             return TrainResult("already-finished", iteration, iteration * plan.steps_per_iteration, ts)
 
         t0 = time.perf_counter()
-        chunk = make_chunk(agent, chunk_len, env).lower(ts).compile()
+        chunk = make_chunk(agent, env, chunk_len).lower(ts).compile()
         evaluator = None
         if cfg.run.eval_every:
             params = jax.vmap(agent.policy_params)(ts)
