@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax.flatten_util import ravel_pytree
 
 from lunarl.agents.networks import ACTIVATIONS, ActorCritic, RunningStats
 from lunarl.config import Config, bounded
@@ -51,6 +52,7 @@ __all__ = [
     "policy_params",
     "ppo_loss",
     "rollout",
+    "shuffled_indices",
     "train_step",
 ]
 
@@ -161,16 +163,20 @@ def _lr_schedule(cfg: PPOConfig) -> optax.Schedule:
     return optax.constant_schedule(cfg.learning_rate)
 
 
+def _flat_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
+    """Global-norm clipping and Adam on one flat parameter vector (see ``_optimizer``)."""
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adam(_lr_schedule(cfg), eps=1e-5),
+    )
+
+
 def _optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
     # ``flatten``: the clip and Adam run on one concatenated vector instead of leaf by leaf,
     # a few fused ops per minibatch step rather than a few per parameter (~10% of the update
-    # time on CPU with small nets; fewer kernel launches on GPU).
-    return optax.flatten(
-        optax.chain(
-            optax.clip_by_global_norm(cfg.max_grad_norm),
-            optax.adam(_lr_schedule(cfg), eps=1e-5),
-        )
-    )
+    # time on CPU with small nets; fewer kernel launches on GPU). Its state is exactly
+    # ``_flat_optimizer``'s state for the raveled parameters, which ``_learn`` relies on.
+    return optax.flatten(_flat_optimizer(cfg))
 
 
 def _angle_indices(env: LunarEnv, cfg: PPOConfig) -> tuple[int, ...]:
@@ -340,34 +346,56 @@ def ppo_loss(
     return loss, aux
 
 
+def shuffled_indices(key: jax.Array, n: int) -> jax.Array:
+    """A random permutation of ``range(n)`` (int32), for shuffling minibatches.
+
+    Like ``jax.random.permutation`` it orders random keys, but each uint32 key carries its
+    index in its low bits, so XLA sorts one plain integer array instead of running two
+    key-value sorts: on XLA:CPU 136 µs instead of 920 µs for 2,048 samples (3.7 ms of a 20 ms
+    rover iteration with 4 epochs). The remaining ``32 - log2(n)`` random bits leave about
+    ``n**2 / 2**(33 - log2(n))`` tied pairs per shuffle (about one for 2,048 samples); a tied
+    pair keeps its index order, which does not matter for SGD. Above 2**16 samples fewer than
+    16 random bits would remain, so larger batches use ``jax.random.permutation``.
+    """
+    index_bits = max(1, (n - 1).bit_length())
+    if index_bits > 16:
+        return jax.random.permutation(key, n)
+    low = jnp.uint32((1 << index_bits) - 1)
+    keys = (jax.random.bits(key, (n,), jnp.uint32) & ~low) | jnp.arange(n, dtype=jnp.uint32)
+    return (jnp.sort(keys) & low).astype(jnp.int32)
+
+
 def _learn(
     ts: TrainState, net: ActorCritic, data: _Sample, rng: jax.Array
 ) -> tuple[Any, Any, dict[str, jax.Array]]:
     """``num_epochs`` passes of shuffled minibatch Adam steps over ``data`` ([B, ...])."""
     cfg = ts.cfg
-    optimizer = _optimizer(cfg)
+    # The minibatch loop works on one flat parameter vector (raveled once per iteration, in
+    # the order optax.flatten uses, so ``ts.opt_state`` fits as it is): no ravel of the
+    # parameters and unravel of the updates in every step, about 10% of the loop on CPU.
+    optimizer = _flat_optimizer(cfg)
+    flat_params, unravel = ravel_pytree(ts.params)
     batch_size = data.advantage.shape[0]
-    grad_fn = jax.value_and_grad(ppo_loss, has_aux=True)
+    grad_fn = jax.value_and_grad(lambda flat, mb: ppo_loss(unravel(flat), net, mb, cfg), has_aux=True)
 
     def minibatch_step(carry, minibatch: _Sample):
         params, opt_state = carry
-        (_, aux), grads = grad_fn(params, net, minibatch, cfg)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        aux["losses/grad_norm"] = optax.tree.norm(grads)
-        return (params, opt_state), aux
+        (_, aux), grads = grad_fn(params, minibatch)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        aux["losses/grad_norm"] = jnp.sqrt(jnp.sum(jnp.square(grads)))
+        return (params + updates, opt_state), aux
 
     def epoch(carry, key: jax.Array):
-        perm = jax.random.permutation(key, batch_size)
+        perm = shuffled_indices(key, batch_size)
         minibatches = jax.tree.map(
             lambda x: x[perm].reshape((cfg.num_minibatches, -1) + x.shape[1:]), data
         )
         return jax.lax.scan(minibatch_step, carry, minibatches)
 
-    (params, opt_state), aux = jax.lax.scan(
-        epoch, (ts.params, ts.opt_state), jax.random.split(rng, cfg.num_epochs)
+    (flat_params, opt_state), aux = jax.lax.scan(
+        epoch, (flat_params, ts.opt_state), jax.random.split(rng, cfg.num_epochs)
     )
-    return params, opt_state, jax.tree.map(jnp.mean, aux)
+    return unravel(flat_params), opt_state, jax.tree.map(jnp.mean, aux)
 
 
 def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
