@@ -45,3 +45,25 @@ def test_bench_ppo_rejects_bad_flags(tmp_path):
             capture_output=True, text=True, timeout=120,
         )
         assert proc.returncode != 0 and culprit in proc.stderr, proc.stderr[-2000:]
+
+
+def test_profile_ppo_times_every_part(tmp_path):
+    out = tmp_path / "profile_ppo.json"
+    args = [
+        "--num-envs", "8", "--iterations", "2", "--repeats", "1",
+        "--set", "unroll_length=8", "--set", "num_minibatches=2", "--set", "num_epochs=1",
+        "--set", "policy_hidden=8", "--set", "value_hidden=8", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "profile_ppo.py"), *args], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["parts"]) == {"iteration", "rollout", "learn", "minibatch steps"}
+    assert all(p["ms"] > 0 and p["cores"] > 0 for p in result["parts"].values())
+    assert result["settings"]["num_envs"] == 8 and result["env_steps_per_s"] > 0
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "profile_ppo.py"), "--set", "num_epochs=0", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "num_epochs" in proc.stderr
