@@ -2,8 +2,8 @@
 
 MJX compiles slowly on a CPU (tens of seconds per function), so every test shares one env and one
 pair of jitted single-env ``reset``/``step`` functions (module fixture), drives them from the host,
-and the only batched program is the 4-env training-wrapper check (slow): one compiled batch shape
-per process (batches of MJX on CPU have been reported to hang in ``block_until_ready``).
+and the only batched program is the 4-env training-wrapper check (slow). (Large batches of MJX on
+CPU used to hang in ``block_until_ready``; tests/test_mjx_linalg.py covers the fix.)
 """
 
 import gymnasium

@@ -45,6 +45,7 @@ from flax import struct
 from mujoco import mjx
 
 from lunarl.envs.base import EnvConfig, LunarEnv, State, bounded
+from lunarl.envs.mjx_linalg import pool_safe_cholesky
 
 __all__ = [
     "ASSET_PATH",
@@ -293,7 +294,10 @@ class Kuka(LunarEnv):
         gripper_target = 0.5 * (action[NUM_ARM_JOINTS] + 1.0) * FINGER_OPEN
         ctrl = jnp.clip(jnp.append(arm_target, gripper_target), self._ctrl_low, self._ctrl_high)
         data = ps.data.replace(ctrl=ctrl)
-        data = jax.lax.fori_loop(0, self.n_substeps, lambda _, d: mjx.step(self.mjx_model, d), data)
+        # On XLA:CPU, MJX's batched LAPACK Cholesky calls can deadlock the thread pool at large
+        # batches; trace them with lunarl's chunked versions (lunarl/envs/mjx_linalg.py).
+        with pool_safe_cholesky(jax.default_backend() == "cpu"):
+            data = jax.lax.fori_loop(0, self.n_substeps, lambda _, d: mjx.step(self.mjx_model, d), data)
 
         reward, terms = self._rewards(data, action, ps.prev_action)
         cube = data.xpos[self._cube_body]
