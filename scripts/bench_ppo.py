@@ -50,6 +50,22 @@ from lunarl.envs import LunarEnv, config_class, env_class, make, wrap_for_traini
 from lunarl.run.evaluation import evaluate, summarize
 
 
+def bench_config(env: LunarEnv, num_envs: int, sets: list[str]) -> ppo.PPOConfig:
+    """The benchmark's PPO settings (also ``profile_ppo.py``'s), with ``--set FIELD=VALUE``
+    overrides applied; raises ``ValueError`` naming a bad field."""
+    overrides: dict[str, typing.Any] = dict(
+        num_envs=num_envs,
+        episode_length=env.default_episode_length,
+        unroll_length=32,
+        num_minibatches=8,
+        num_epochs=4,
+        policy_hidden=(64, 64),
+        value_hidden=(64, 64),
+    )
+    overrides.update(ppo.PPOConfig.parse_overrides(sets))
+    return ppo.PPOConfig.build(**overrides)
+
+
 def _overrides(cfg_cls: type, items: list[str], flag: str) -> dict[str, typing.Any]:
     try:
         return cfg_cls.parse_overrides(items)
@@ -185,18 +201,8 @@ def main() -> None:
         env = make(args.env, **env_overrides)
     except ValueError as e:
         raise SystemExit(f"--env-set: {e}") from e
-    overrides = dict(
-        num_envs=args.num_envs,
-        episode_length=env.default_episode_length,
-        unroll_length=32,
-        num_minibatches=8,
-        num_epochs=4,
-        policy_hidden=(64, 64),
-        value_hidden=(64, 64),
-    )
-    overrides.update(_overrides(ppo.PPOConfig, args.set, "--set"))
     try:
-        cfg = ppo.PPOConfig.build(**overrides)
+        cfg = bench_config(env, args.num_envs, args.set)
     except ValueError as e:
         raise SystemExit(f"--set: {e}") from e
     per_iter = cfg.num_envs * cfg.unroll_length

@@ -25,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from bench_ppo import bench_config  # the scripts directory is on sys.path when run as a script
 
 import lunarl
 from lunarl.agents import ppo
@@ -44,18 +45,8 @@ def main() -> None:
         raise SystemExit("--iterations and --repeats must be >= 1")
 
     env = make(args.env)
-    overrides = dict(
-        num_envs=args.num_envs,
-        episode_length=env.default_episode_length,
-        unroll_length=32,
-        num_minibatches=8,
-        num_epochs=4,
-        policy_hidden=(64, 64),
-        value_hidden=(64, 64),
-    )
     try:
-        overrides.update(ppo.PPOConfig.parse_overrides(args.set))
-        cfg = ppo.PPOConfig.build(**overrides)
+        cfg = bench_config(env, args.num_envs, args.set)
     except ValueError as e:
         raise SystemExit(f"--set: {e}") from e
     opts = lunarl.compile_options(env)
