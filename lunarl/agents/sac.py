@@ -120,8 +120,8 @@ class SACConfig(AgentConfig):
     actor_hidden: tuple[int, ...] = bounded((256, 256), 1, None)
     critic_hidden: tuple[int, ...] = bounded((256, 256), 1, None)
     activation: str = "relu"
-    log_std_min: float = bounded(-5.0, -20.0, 2.0)
-    log_std_max: float = bounded(2.0, -5.0, 5.0)
+    log_std_min: float = bounded(-5.0, -20.0, 5.0)
+    log_std_max: float = bounded(2.0, -20.0, 5.0)
     normalize_observations: bool = True
     angle_features: bool = True  # also feed the env's angle observations as (cos, sin)
     reward_scaling: float = bounded(1.0, 1e-8, None)
