@@ -1,16 +1,14 @@
 """XLA settings: process-wide defaults applied on ``import lunarl``, and per-program options.
 
-XLA:CPU's fusion emitters help some programs and cripple others (measured on a 2-core CPU,
-jax 0.10.2, mujoco-mjx 3.17):
+XLA:CPU's fusion emitters help some programs and cripple others (the measurements are in
+``scripts/results/xla_cpu_notes.md``):
 
-* MJX is orders of magnitude slower with them on (tens of steps/s against about 12k with them
-  off), so ``configure_xla`` turns them off for the whole process before JAX starts: whatever a
-  user jits by hand stays usable.
-* PPO's small MLPs run 2-3x faster with them on; a bare jitted rover iteration (128 envs,
-  (64, 64) nets) about 1.45x, car_track's about 1.35x (the train app's seed-vmapped chunk,
-  already faster with them off, about 5%). So lunarl's own training and evaluation programs
-  are compiled with ``compile_options(env)``, which turns them back on for envs that declare
-  ``cpu_fusion_emitters = True`` (every env but the MJX one).
+* MJX is orders of magnitude slower with them on, so ``configure_xla`` turns them off for the
+  whole process before JAX starts: whatever a user jits by hand stays usable.
+* Small MLPs, and so PPO's iteration on the rover and the car track, run faster with them on.
+  So lunarl's own training and evaluation programs are compiled with ``compile_options(env)``,
+  which turns them back on for envs that declare ``cpu_fusion_emitters = True`` (every env but
+  the MJX one).
 
 A user who sets ``--xla_cpu_use_fusion_emitters`` in ``XLA_FLAGS`` keeps their value everywhere.
 The options only concern the CPU backend; on GPU ``compile_options`` is empty.

@@ -17,14 +17,26 @@ from typing import Any
 import numpy as np
 import yaml
 
-__all__ = ["Config", "bounded"]
-
-
+__all__ = ["Config", "bounded", "range_violation"]
 
 
 def bounded(default: Any, low: float | None = None, high: float | None = None, doc: str = "") -> Any:
     """A dataclass field with an allowed closed range ``[low, high]`` (either end may be open)."""
     return dataclasses.field(default=default, metadata={"range": (low, high), "doc": doc})
+
+
+def range_violation(f: dataclasses.Field, value: Any) -> str | None:
+    """"is out of range: allowed [low, high]" when ``value`` (or an element of a tuple value) lies
+    outside the range ``bounded`` gave field ``f``; None when it is inside or the field has none."""
+    low, high = f.metadata.get("range", (None, None))
+    for v in value if isinstance(value, (tuple, list)) else (value,):
+        if v is None or isinstance(v, (str, bool, np.bool_)):
+            continue
+        if (low is not None and v < low) or (high is not None and v > high):
+            lo = "-inf" if low is None else low
+            hi = "inf" if high is None else high
+            return f"is out of range: allowed [{lo}, {hi}]"
+    return None
 
 
 def _check_type(cls_name: str, name: str, hint: Any, value: Any) -> Any:
@@ -84,17 +96,9 @@ class Config:
         for f in dataclasses.fields(self):
             value = _check_type(name_of_cls, f.name, hints[f.name], getattr(self, f.name))
             object.__setattr__(self, f.name, value)
-            low, high = f.metadata.get("range", (None, None))
-            values = value if isinstance(value, tuple) else (value,)
-            for v in values:
-                if v is None or isinstance(v, str):
-                    continue
-                if (low is not None and v < low) or (high is not None and v > high):
-                    lo = "-inf" if low is None else low
-                    hi = "inf" if high is None else high
-                    raise ValueError(
-                        f"{name_of_cls}.{f.name}={value!r} is out of range: allowed [{lo}, {hi}]"
-                    )
+            problem = range_violation(f, value)
+            if problem:
+                raise ValueError(f"{name_of_cls}.{f.name}={value!r} {problem}")
         self.check()
 
     def check(self) -> None:

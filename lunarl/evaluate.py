@@ -12,24 +12,18 @@ Exit codes: 0 done; 1 missing run dir or checkpoint, or a bad override (the mess
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lunarl.run.schema import ConfigError, EvalAppSchema, check_bounds, register_schemas, validate_train
+from lunarl.run.cli import fail, quiet_libraries
+from lunarl.run.schema import ConfigError, EvalAppSchema, check_bounds, register_schemas
 
 __all__ = ["evaluate_run", "main"]
 
 register_schemas()
-
-
-def fail(message: str) -> None:
-    print(f"lunarl.evaluate: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
 
 
 def _video(env: Any, policy: Any, params: Any, key: Any, episode_length: int, path: Path) -> Path:
@@ -39,24 +33,16 @@ def _video(env: Any, policy: Any, params: Any, key: Any, episode_length: int, pa
 
     from lunarl import compile_options
     from lunarl.envs.render import write_video
-    from lunarl.run import evaluation
+    from lunarl.run.evaluation import rollout
 
     out = jax.jit(
-        lambda p, k: evaluation.evaluate(env, policy, p, k, 1, episode_length, True, return_states=True),
+        lambda p, k: rollout(env, policy, p, k, 1, episode_length, True, return_states=True),
         compiler_options=compile_options(env),
     )(params, key)
     states = jax.device_get(out["states"])
     steps = int(np.asarray(out["episode_length"])[0])
     frames = [env.render(jax.tree.map(lambda x, t=t: x[t], states)) for t in range(steps + 1)]
     return write_video(frames, path)
-
-
-def _checkpoint_dir(run_dir: Path) -> str:
-    """Where the run wrote its checkpoints (``checkpoint.dir`` may have been ``s3://...``)."""
-    resolved = run_dir / "config.yaml"
-    if resolved.exists():
-        return str(OmegaConf.load(resolved).checkpoint.dir)
-    return str(run_dir / "checkpoints")
 
 
 def _env_variant(env: Any, name: str, overrides: dict[str, Any]) -> Any:
@@ -80,22 +66,16 @@ def evaluate_run(app: EvalAppSchema) -> dict[str, Any]:
     """Evaluate a checkpoint of ``app.run.dir``; returns what is written to the JSON file."""
     import jax
 
-    from lunarl.run.checkpoint import CheckpointError, Checkpoints
-    from lunarl.run.loop import abstract_state, eval_keys, eval_row, make_evaluator
+    from lunarl.run.checkpoint import CheckpointError
+    from lunarl.run.evaluation import eval_keys, eval_row, make_evaluator
+    from lunarl.run.restore import checkpoint_dir_of, restore_run
 
     run_dir = Path(app.run.dir)
     if not run_dir.is_dir():
         raise CheckpointError(f"no run directory at {run_dir}")
-    ckpts = Checkpoints(app.checkpoint_dir or _checkpoint_dir(run_dir), create=False)
-    try:
-        saved = ckpts.read(app.checkpoint, "config")
-        plan = validate_train(OmegaConf.create(saved))
-        env, agent = plan.env_and_agent()
-        target = abstract_state(agent, env, plan.agent_config, plan.cfg.num_seeds)
-        state, _, meta = ckpts.restore(app.checkpoint, target)
-    finally:
-        ckpts.close()
-    params = jax.vmap(agent.policy_params)(state)
+    saved = restore_run(app.checkpoint_dir or checkpoint_dir_of(run_dir), app.checkpoint)
+    plan, env, agent, meta = saved.plan, saved.env, saved.agent, saved.meta
+    params = jax.vmap(agent.policy_params)(saved.state)
     if app.env:
         # The state above was restored with the saved env (its shapes); only acting uses the variant.
         env = _env_variant(env, plan.env_name, app.env)
@@ -108,6 +88,7 @@ def evaluate_run(app: EvalAppSchema) -> dict[str, Any]:
         "iteration": meta["iteration"],
         "global_step": meta["global_step"],
         "env": plan.env_name,
+        "agent": agent.name,
         "episodes_per_seed": app.eval.episodes,
         "deterministic": app.eval.deterministic,
         **row,
@@ -125,9 +106,7 @@ def evaluate_run(app: EvalAppSchema) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    for name in ("absl", "orbax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    quiet_libraries()
     from lunarl.run.checkpoint import CheckpointError
 
     try:
@@ -135,10 +114,10 @@ def main(cfg: DictConfig) -> None:
         check_bounds(app, "")
         result = evaluate_run(app)
     except (ConfigError, CheckpointError) as e:
-        fail(str(e))
+        fail("lunarl.evaluate", str(e))
     except Exception as e:  # omegaconf's MissingMandatoryValue for run.dir, and the like
         if type(e).__module__.startswith("omegaconf"):
-            fail(" ".join(str(e).split()))
+            fail("lunarl.evaluate", " ".join(str(e).split()))
         raise
     variant = "".join(f" {k}={v}" for k, v in result["env_overrides"].items())
     print(

@@ -12,8 +12,6 @@ resume); 1 a bad config, override or checkpoint (one-line message naming the key
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
 import hydra
@@ -21,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lunarl.run.cli import fail, quiet_libraries
 from lunarl.run.schema import ConfigError, register_schemas, validate_train
 
 __all__ = ["main"]
@@ -29,19 +28,6 @@ EXIT_CONFIG_ERROR = 1
 EXIT_DIVERGED = 3
 
 register_schemas()
-
-
-def fail(message: str, code: int = EXIT_CONFIG_ERROR) -> None:
-    print(f"lunarl.train: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def _quiet_libraries() -> None:
-    # Orbax and absl log every save at INFO; the console belongs to the progress output.
-    for name in ("absl", "orbax"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    # "Unable to initialize backend 'tpu'" on every CPU/GPU machine is noise.
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 
 
 def _remove_if_empty_run(run_dir: Path) -> None:
@@ -68,7 +54,7 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
         plan = validate_train(cfg)
     except ConfigError as e:
         _remove_if_empty_run(run_dir)
-        fail(str(e))
+        fail("lunarl.train", str(e), EXIT_CONFIG_ERROR)
     config = OmegaConf.to_container(cfg, resolve=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -93,18 +79,18 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
     except CheckpointError as e:
         code = EXIT_CONFIG_ERROR
         logger.close(code)
-        fail(str(e), code)
+        fail("lunarl.train", str(e), code)
     except TrainingDiverged as e:
         code = EXIT_DIVERGED
         logger.close(code)
-        fail(str(e), code)
+        fail("lunarl.train", str(e), code)
     logger.close(code)
     return code
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    _quiet_libraries()
+    quiet_libraries()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     label = run_dir.name if hc.mode == RunMode.RUN else f"{run_dir.parent.name}/{run_dir.name}"

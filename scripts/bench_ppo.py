@@ -46,8 +46,11 @@ import jax
 import lunarl
 from lunarl._platform import set_process_fusion_emitters
 from lunarl.agents import ppo
+from lunarl.agents.base import stateless
 from lunarl.envs import LunarEnv, config_class, env_class, make, wrap_for_training
-from lunarl.run.evaluation import evaluate, summarize
+from lunarl.run.evaluation import rollout, summarize
+from lunarl.run.placement import Placement
+from lunarl.run.programs import init_state, make_chunk, seed_keys
 
 
 def bench_config(env: LunarEnv, num_envs: int, sets: list[str]) -> ppo.PPOConfig:
@@ -80,30 +83,19 @@ def _chunk_stats(times: list[float], steps_per_chunk: int) -> tuple[float, float
 
 
 def run_lunarl(env: LunarEnv, cfg: ppo.PPOConfig, seeds: int, chunks: int, chunk_iters: int, seed: int):
-    """(state, steps/s over all seeds, compile seconds, chunk wall times, chunk CPU times)."""
-
-    def run_chunk(ts):
-        return jax.lax.scan(lambda s, _: ppo.train_step(s), ts, None, length=chunk_iters)
-
-    # Compiled as the train app compiles them (lunarl.compile_options). No buffer donation:
-    # interleaved A/B runs showed no difference on CPU.
-    opts = lunarl.compile_options(env)
-    if seeds == 1:
-        init = jax.jit(lambda k: ppo.init(k, env, cfg), compiler_options=opts)
-        chunk_fn = jax.jit(run_chunk, compiler_options=opts)
-    else:
-        init = jax.jit(jax.vmap(lambda k: ppo.init(k, env, cfg)), compiler_options=opts)
-        chunk_fn = jax.jit(jax.vmap(run_chunk), compiler_options=opts)
-    key = jax.random.PRNGKey(seed)
-    ts = jax.block_until_ready(init(key if seeds == 1 else jax.random.split(key, seeds)))
+    """(seed-stacked state, steps/s over all seeds, compile seconds, chunk wall times, chunk CPU
+    times), with the train app's own programs: its placement, seed-vmapped init and donated chunk."""
+    placement = Placement.for_seeds(seeds)
+    ts = jax.block_until_ready(init_state(ppo.AGENT, env, cfg, seed_keys(seed, seeds), placement))
+    chunk_fn = make_chunk(ppo.AGENT, env, chunk_iters)
     times, cpu_times = [], []
     for _ in range(chunks):
         start, cpu_start = time.perf_counter(), time.process_time()
-        ts, metrics = chunk_fn(ts)
+        ts, metrics, _ = chunk_fn(ts)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    sps, compile_s = _chunk_stats(times, seeds * chunk_iters * cfg.num_envs * cfg.unroll_length)
+    sps, compile_s = _chunk_stats(times, seeds * chunk_iters * cfg.env_steps_per_iteration)
     return ts, sps, compile_s, times, cpu_times
 
 
@@ -165,7 +157,7 @@ def run_brax(env: LunarEnv, cfg: ppo.PPOConfig, chunks: int, chunk_iters: int, s
     def policy(p, obs, rng, deterministic=True):
         return make_inference(p, deterministic=deterministic)(obs, rng)[0]
 
-    return policy, params, sps, compile_s, times, cpu_times
+    return stateless(policy), params, sps, compile_s, times, cpu_times
 
 
 def main() -> None:
@@ -213,7 +205,7 @@ def main() -> None:
     print(f"config: {cfg}")
 
     ev = jax.jit(
-        lambda policy, params, key: evaluate(
+        lambda policy, params, key: rollout(
             env, policy, params, key, args.eval_episodes, cfg.episode_length, deterministic=True
         ),
         static_argnums=0,
@@ -245,14 +237,15 @@ def main() -> None:
     for repeat in range(args.repeats):
         run: dict[str, typing.Any] = {}
         ts, sps, compile_s, times, cpu = run_lunarl(env, cfg, 1, args.chunks, chunk_iters, args.seed)
-        ev_l = summarize(ev(policy, ppo.policy_params(ts), eval_key))
+        seed0 = jax.tree.map(lambda x: x[0], jax.vmap(ppo.policy_params)(ts))
+        ev_l = summarize(ev(policy, seed0, eval_key))
         run.update(
             lunarl_sps=sps,
             lunarl_compile_s=compile_s,
             lunarl_chunk_s=times,
             lunarl_sps_cpu=chunk_iters * per_iter / statistics.median(cpu[1:]),
-            lunarl_return=ev_l["return_mean"],
-            lunarl_success=ev_l["success_rate"],
+            lunarl_return=float(ev_l["episode_return"]),
+            lunarl_success=float(ev_l["success_rate"]),
         )
         print(f"[{repeat}] lunarl: {sps:,.0f} steps/s, compile {compile_s:.1f}s, chunks {[round(t, 2) for t in times]}, eval {ev_l}", flush=True)
         if not args.skip_brax:
@@ -266,8 +259,8 @@ def main() -> None:
                 brax_overhead_s=sum(times) - len(times) * statistics.median(times[1:]),
                 brax_chunk_s=times,
                 brax_sps_cpu=chunk_iters * per_iter / statistics.median(cpu[1:]),
-                brax_return=ev_b["return_mean"],
-                brax_success=ev_b["success_rate"],
+                brax_return=float(ev_b["episode_return"]),
+                brax_success=float(ev_b["success_rate"]),
             )
             run.update(ratio=run["lunarl_sps"] / run["brax_sps"], ratio_cpu=run["lunarl_sps_cpu"] / run["brax_sps_cpu"])
             print(f"[{repeat}] brax:   {sps:,.0f} steps/s, compile {compile_s:.1f}s, chunks {[round(t, 2) for t in times]}, eval {ev_b}", flush=True)

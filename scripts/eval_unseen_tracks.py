@@ -13,8 +13,9 @@ in-loop evaluation (keys salted with ``0x5EED``) draws from its own split stream
 checkpoint chosen as "best" was not selected on these tracks either.
 
 Each track is driven once, deterministically (policy mean), for at most the agent's
-``episode_length`` steps with no auto-reset; success = a lap completed. Prints and writes the
-summary (``lunarl.run.evaluation.summarize``) per training seed.
+``episode_length`` steps with no auto-reset (``lunarl.run.evaluation.rollout`` with these reset
+keys); success = a lap completed. Prints and writes the summary
+(``lunarl.run.evaluation.summarize``) per training seed.
 """
 
 from __future__ import annotations
@@ -23,19 +24,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import OmegaConf
 
 import lunarl
 from lunarl.envs.base import LunarEnv
-from lunarl.run.checkpoint import Checkpoints
-from lunarl.run.evaluation import summarize
-from lunarl.run.loop import abstract_state
-from lunarl.run.schema import validate_train
+from lunarl.run.evaluation import rollout, summarize
+from lunarl.run.restore import checkpoint_dir_of, restore_run
 
 
 def track_keys(first_track_seed: int, num_tracks: int) -> jax.Array:
@@ -55,30 +52,6 @@ def check_keys_are_track_seeds(env: LunarEnv, first_track_seed: int, count: int 
             raise AssertionError(f"reset(PRNGKey({s})) does not draw the track of track_seed={s}")
 
 
-def drive_tracks(env: LunarEnv, policy: Any, params: Any, keys: jax.Array, episode_length: int) -> dict[str, jax.Array]:
-    """One deterministic episode per reset key; finished episodes are frozen (first episode only)."""
-    n = keys.shape[0]
-    state = jax.vmap(env.reset)(keys)
-    zeros = jnp.zeros((n,), jnp.float32)
-    act_key = jax.random.PRNGKey(0)  # unused by the deterministic policy, but part of its signature
-
-    def step(carry, _):
-        state, alive, ret, length, success = carry
-        nxt = jax.vmap(env.step)(state, policy(params, state.obs, act_key, True))
-        live = alive.astype(jnp.float32)
-        ret = ret + live * nxt.reward
-        length = length + live
-        success = jnp.maximum(success, live * (nxt.metrics["success"] > 0))
-        state = jax.tree.map(
-            lambda new, old: jnp.where(alive.reshape(alive.shape + (1,) * (new.ndim - 1)), new, old), nxt, state
-        )
-        return (state, alive & (nxt.done == 0), ret, length, success), None
-
-    carry = (state, jnp.ones((n,), bool), zeros, zeros, zeros)
-    (_, _, ret, length, success), _ = jax.lax.scan(step, carry, None, length=episode_length)
-    return {"episode_return": ret, "episode_length": length, "success": success}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
@@ -88,30 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: RUN_DIR/eval-unseen-*.json)")
     args = parser.parse_args(argv)
 
-    config_path = args.run_dir / "config.yaml"
-    ckpt_dir = OmegaConf.load(config_path).checkpoint.dir if config_path.exists() else args.run_dir / "checkpoints"
-    ckpts = Checkpoints(str(ckpt_dir), create=False)
-    try:
-        plan = validate_train(OmegaConf.create(ckpts.read(args.checkpoint, "config")))
-        if plan.env_name != "car_track" or plan.env_config.track_seed is not None:
-            print("eval_unseen_tracks: needs a car_track run trained with env.track_seed=null", file=sys.stderr)
-            return 1
-        env, agent = plan.env_and_agent()
-        state, _, meta = ckpts.restore(args.checkpoint, abstract_state(agent, env, plan.agent_config, plan.cfg.num_seeds))
-    finally:
-        ckpts.close()
+    saved = restore_run(checkpoint_dir_of(args.run_dir), args.checkpoint)
+    plan, env, agent, meta = saved.plan, saved.env, saved.agent, saved.meta
+    if plan.env_name != "car_track" or plan.env_config.track_seed is not None:
+        print("eval_unseen_tracks: needs a car_track run trained with env.track_seed=null", file=sys.stderr)
+        return 1
 
     check_keys_are_track_seeds(env, args.first_track_seed)
     policy = agent.make_policy(env, plan.agent_config)
-    params = jax.vmap(agent.policy_params)(state)  # leading seed axis
+    params = jax.vmap(agent.policy_params)(saved.state)  # leading seed axis
     keys = track_keys(args.first_track_seed, args.episodes)
-    run = jax.jit(
-        jax.vmap(lambda p: drive_tracks(env, policy, p, keys, plan.agent_config.episode_length)),
-        compiler_options=lunarl.compile_options(env),
+    # The act key is unused by the deterministic policy; the reset keys pick the tracks.
+    drive = lambda p: rollout(  # noqa: E731
+        env, policy, p, jax.random.PRNGKey(0), args.episodes, plan.agent_config.episode_length, True, reset_keys=keys
     )
-    result = jax.device_get(run(params))
-
-    per_seed = [summarize({k: np.asarray(v)[i] for k, v in result.items()}) for i in range(plan.cfg.num_seeds)]
+    result = jax.device_get(jax.jit(jax.vmap(drive), compiler_options=lunarl.compile_options(env))(params))
+    summary = summarize(result)
+    per_seed = [{k: v[i].item() for k, v in summary.items()} for i in range(plan.cfg.num_seeds)]
     report = {
         "run_dir": str(args.run_dir),
         "checkpoint": args.checkpoint,
@@ -120,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "track_seeds": [args.first_track_seed, args.first_track_seed + args.episodes - 1],
         "deterministic": True,
         "per_seed": per_seed,
-        "all_seeds": summarize(result),
+        "all_seeds": {k: v.item() for k, v in summarize({k: np.ravel(v) for k, v in result.items()}).items()},
     }
     out = args.out or args.run_dir / f"eval-unseen-{args.checkpoint}-{meta['iteration']}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -128,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"seed {i} @ {meta['global_step']:,} env steps, {row['num_episodes']} unseen tracks "
             f"(track seeds {args.first_track_seed}..{args.first_track_seed + args.episodes - 1}): "
-            f"success {row['success_rate']:.1%}, return {row['return_mean']:.2f} ± {row['return_std']:.2f}, "
-            f"length {row['length_mean']:.1f}"
+            f"success {row['success_rate']:.1%}, return {row['episode_return']:.2f} ± {row['episode_return_std']:.2f}, "
+            f"length {row['episode_length']:.1f}"
         )
     print(f"saved {out}")
     return 0

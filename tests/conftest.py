@@ -10,3 +10,37 @@ import os
 os.environ.setdefault("WANDB_MODE", "disabled")
 if "--xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_use_fusion_emitters=false").strip()
+
+
+# --------------------------------------------------------------------------------------------
+# The apps as subprocesses (tests/test_train_app.py, tests/test_agent_contract.py)
+# --------------------------------------------------------------------------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def app_env(tmp_path_factory) -> dict[str, str]:
+    """Environment of the app subprocesses: wandb off, one persistent JAX compilation cache for
+    all of them, and the repo root importable (the toy agent is ``tests.counter_agent``)."""
+    cache = os.environ.get("LUNARL_TEST_JAX_CACHE") or str(tmp_path_factory.mktemp("jax_cache"))
+    return {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "WANDB_SILENT": "true",
+        "JAX_COMPILATION_CACHE_DIR": cache,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+    }
+
+
+def run_app(app_env, module: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=app_env, capture_output=True, text=True, timeout=timeout
+    )

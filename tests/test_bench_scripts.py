@@ -59,7 +59,8 @@ def test_profile_ppo_times_every_part(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["parts"]) == {"iteration", "rollout", "learn", "minibatch steps"}
+    assert set(result["parts"]) == {"iteration", "rollout", "learn", "shuffles"}
+    assert "minibatch_steps_ms" in result and "rest_ms" in result
     assert all(p["ms"] > 0 and p["cores"] > 0 for p in result["parts"].values())
     assert result["settings"]["num_envs"] == 8 and result["env_steps_per_s"] > 0
     proc = subprocess.run(

@@ -20,7 +20,8 @@ from hydra import compose, initialize_config_dir
 
 import lunarl.envs
 from lunarl.run.checkpoint import CheckpointError, Checkpoints, config_differences
-from lunarl.run.loop import eval_row, reduce_chunk
+from lunarl.run.evaluation import eval_row
+from lunarl.run.metrics import reduce_chunk
 from lunarl.run.schema import ConfigError, register_schemas, validate_train
 from lunarl.run.signals import GracefulStop
 
@@ -146,20 +147,20 @@ def test_reduce_chunk_weights_episode_stats_by_finished_count():
         "charts/episode_return": np.array([[2.0, 4.0], [0.0, 8.0]]),
         "charts/episodes_finished": np.array([[3.0, 1.0], [0.0, 1.0]]),
         "losses/value_loss": np.array([[1.0, 2.0], [3.0, 4.0]]),
-        "env_steps": np.array([[10, 10], [20, 20]]),
     }
-    row = reduce_chunk(metrics)
+    stats, count = ("charts/episode_return",), "charts/episodes_finished"
+    row = reduce_chunk(metrics, stats, count)
     assert row["seed0/charts/episode_return"] == 2.0  # not diluted by the empty iteration
     assert row["seed1/charts/episode_return"] == 6.0
     assert row["charts/episode_return"] == 4.0
     assert row["charts/episodes_finished"] == 2.5
-    assert row["losses/value_loss"] == 2.5 and "env_steps" not in row
+    assert row["losses/value_loss"] == 2.5
     # A seed with no finished episode has no return (not 0), and the mean skips it.
     metrics["charts/episodes_finished"] = np.array([[0.0, 1.0], [0.0, 1.0]])
-    row = reduce_chunk(metrics)
+    row = reduce_chunk(metrics, stats, count)
     assert "seed0/charts/episode_return" not in row and row["charts/episode_return"] == 6.0
     metrics["charts/episodes_finished"] = np.zeros((2, 2))
-    assert "charts/episode_return" not in reduce_chunk(metrics)
+    assert "charts/episode_return" not in reduce_chunk(metrics, stats, count)
     ev = eval_row({"episode_return": np.array([[1.0, 3.0]]), "success": np.array([[1.0, 0.0]]), "episode_length": np.array([[5, 7]])})
     assert ev == {"eval/episode_return": 2.0, "eval/episode_return_std": 1.0, "eval/success_rate": 0.5, "eval/episode_length": 6.0}
 
@@ -177,6 +178,7 @@ def test_graceful_stop_flags_first_signal_and_arms_a_hard_second_sigint():
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """In-process: PPO on the toy env, with parameters poisoned after iteration 10."""
+    import dataclasses
     import sys
     import types
 
@@ -193,9 +195,9 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
         poison = jnp.where(ts.iteration > 10, jnp.nan, 0.0)
         return ts.replace(params=jax.tree.map(lambda p: p + poison, ts.params)), metrics
 
-    agent = types.ModuleType("nan_ppo")
-    agent.__dict__.update(CONFIG_CLASS=ppo.CONFIG_CLASS, init=ppo.init, policy_params=ppo.policy_params, make_policy=ppo.make_policy, train_step=train_step)
-    monkeypatch.setitem(sys.modules, "nan_ppo", agent)
+    module = types.ModuleType("nan_ppo")
+    module.AGENT = dataclasses.replace(ppo.AGENT, name="nan_ppo", train_step=train_step)
+    monkeypatch.setitem(sys.modules, "nan_ppo", module)
     monkeypatch.setitem(lunarl.agents._AGENTS, "nan_ppo", "nan_ppo")
 
     cfg = compose_train(

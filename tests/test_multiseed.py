@@ -58,14 +58,16 @@ CHILD = textwrap.dedent(
     import numpy as np
     import lunarl
     from lunarl.agents import ppo
-    from lunarl.run import loop
+    from lunarl.run import programs
+    from lunarl.run.placement import Placement
 
     env = lunarl.envs.make("rover")
     cfg = ppo.PPOConfig.build(**{HANG_CONFIG!r})
-    state = loop.init_state(ppo, env, cfg, loop.seed_keys(0, {NUM_SEEDS}))
+    keys = programs.seed_keys(0, {NUM_SEEDS})
+    state = programs.init_state(ppo.AGENT, env, cfg, keys, Placement.for_seeds({NUM_SEEDS}))
     jax.block_until_ready(state)
     print("init done", flush=True)
-    state, metrics, finite = loop.make_chunk(ppo, env, 2)(state)
+    state, metrics, finite = programs.make_chunk(ppo.AGENT, env, 2)(state)
     jax.block_until_ready(state)
     assert bool(finite), "non-finite losses or parameters"
     assert np.asarray(state.iteration).tolist() == [2] * {NUM_SEEDS}, state.iteration

@@ -16,8 +16,9 @@ import pytest
 import lunarl  # noqa: F401  (compat shim)
 from lunarl import agents
 from lunarl.agents import ppo
+from lunarl.agents.base import stateless
 from lunarl.agents.networks import RunningStats
-from lunarl.run.evaluation import evaluate, summarize
+from lunarl.run.evaluation import rollout, summarize
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from ppo_toy_env import PointGoal  # noqa: E402
@@ -213,7 +214,7 @@ def test_running_stats_match_numpy():
 
 def test_learning_improves_deterministic_return(env, cfg, step):
     policy = ppo.make_policy(env, cfg)
-    ev = jax.jit(functools.partial(evaluate, env, policy, num_episodes=256, episode_length=cfg.episode_length))
+    ev = jax.jit(functools.partial(rollout, env, policy, num_episodes=256, episode_length=cfg.episode_length))
     ts = ppo.init(jax.random.PRNGKey(0), env, cfg)
     before = summarize(ev(ppo.policy_params(ts), jax.random.PRNGKey(7)))
     ts, metrics = _train(step, ts, 80)
@@ -221,7 +222,7 @@ def test_learning_improves_deterministic_return(env, cfg, step):
     assert int(ts.env_steps) == 80 * cfg.num_envs * cfg.unroll_length
     assert all(np.isfinite(float(v)) for v in metrics.values())
     # Reaching the goal from ~1 unit away is worth about 10; the untrained policy barely moves.
-    assert after["return_mean"] > before["return_mean"] + 4.0, (before, after)
+    assert after["episode_return"] > before["episode_return"] + 4.0, (before, after)
     assert after["success_rate"] > 0.5, after
 
 
@@ -256,9 +257,8 @@ def test_train_state_leaves_are_arrays_and_metrics_complete(env, cfg, step):
         "charts/episode_return", "charts/episode_length", "charts/success_rate", "charts/episodes_finished",
         "losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl",
         "losses/clip_fraction", "losses/explained_variance", "charts/learning_rate", "losses/grad_norm",
-        "env_steps",
     }  # fmt: skip
-    assert expected <= set(metrics)
+    assert expected == set(metrics) == set(ppo.METRIC_NAMES)
     assert all(v.shape == () and v.dtype == jnp.float32 for v in metrics.values())
 
 
@@ -321,10 +321,13 @@ def test_bad_config_raises_naming_field(overrides, field):
 
 
 def test_agent_registry():
-    assert agents.get("ppo") is ppo
-    assert ppo.CONFIG_CLASS is ppo.PPOConfig
-    with pytest.raises(ValueError, match="ppo"):
+    assert agents.get("ppo") is ppo.AGENT
+    assert ppo.AGENT.config_class is ppo.PPOConfig
+    assert agents.get("lunarl.agents.ppo") is ppo.AGENT  # agents outside lunarl: a module path
+    with pytest.raises(ValueError, match="known agents: .*ppo"):
         agents.get("nope")
+    with pytest.raises(ValueError, match="defines no AGENT"):
+        agents.get("lunarl.agents.networks")
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,7 +344,7 @@ def test_evaluate_counts_only_the_first_episode(env):
 
     n, limit = 6, 32
     out = jax.jit(
-        functools.partial(evaluate, env, greedy, num_episodes=n, episode_length=limit, return_states=True)
+        functools.partial(rollout, env, stateless(greedy), num_episodes=n, episode_length=limit, return_states=True)
     )(None, jax.random.PRNGKey(11))
     assert {k: out[k].shape for k in ("episode_return", "episode_length", "success")} == {
         "episode_return": (n,), "episode_length": (n,), "success": (n,)

@@ -9,7 +9,6 @@ so nothing touches the network.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,11 +19,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import run_app  # noqa: E402  (the app_env fixture comes from conftest too)
 from omegaconf import OmegaConf
 
 from lunarl.run.checkpoint import Checkpoints
-from lunarl.run.loop import abstract_state
-from lunarl.run.schema import validate_train
+from lunarl.run.restore import restore_run
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -39,34 +38,10 @@ SMOKE = [
 ]
 
 
-@pytest.fixture(scope="session")
-def app_env(tmp_path_factory) -> dict[str, str]:
-    cache = os.environ.get("LUNARL_TEST_JAX_CACHE") or str(tmp_path_factory.mktemp("jax_cache"))
-    return {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "WANDB_SILENT": "true",
-        "JAX_COMPILATION_CACHE_DIR": cache,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
-
-
-def run_app(app_env, module: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=app_env, capture_output=True, text=True, timeout=timeout
-    )
-
-
 def restore_final(ckpt_dir: Path, which: str = "latest"):
-    """The TrainState of a checkpoint, restored into the structure ``init`` produces."""
-    ck = Checkpoints(str(ckpt_dir), create=False)
-    try:
-        plan = validate_train(OmegaConf.create(ck.read(which, "config")))
-        env, agent = plan.env_and_agent()
-        target = abstract_state(agent, env, plan.agent_config, plan.cfg.num_seeds)
-        return ck.step_of(which), ck.restore(which, target)[0]
-    finally:
-        ck.close()
+    """The iteration and TrainState of a checkpoint, restored into the structure ``init`` produces."""
+    saved = restore_run(str(ckpt_dir), which)
+    return saved.meta["iteration"], saved.state
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
@@ -256,7 +231,7 @@ def test_seeds_split_over_devices_and_restore_on_one(tmp_path, app_env):
     args = [*SMOKE, "num_seeds=2", "run.total_env_steps=1280", "run.eval_every=0", f"run.dir={run_dir}"]
     proc = subprocess.run([sys.executable, "-m", "lunarl.train", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 seeds split over 2 devices" in proc.stdout
+    assert "seed=2 x data=1 over 2 cpu device(s)" in proc.stdout
     step, state = restore_final(run_dir / "checkpoints")
     assert step == 5 and state.iteration.shape == (2,)
     params = jax.tree.leaves(state.params)

@@ -1,10 +1,11 @@
-"""PPO (clipped surrogate, GAE) as three pure functions: ``init``, ``train_step``, ``make_policy``.
+"""PPO (clipped surrogate, GAE) as pure functions: ``init``, ``train_step``, ``make_policy``.
 
 One ``train_step`` is one iteration, a single XLA program when jitted: ``lax.scan`` over
 ``unroll_length`` steps of ``num_envs`` vmapped envs, GAE by a reverse ``lax.scan``, then
 ``num_epochs`` passes over shuffled minibatches (a permutation reshaped into minibatches, another
 ``lax.scan``). Nothing leaves the device inside an iteration. Several seeds train as one program
-with ``jax.vmap(train_step)`` over a ``jax.vmap``-ed ``init``.
+with ``jax.vmap(train_step)`` over a ``jax.vmap``-ed ``init``. ``AGENT`` (at the end) is PPO as
+the host sees it (``lunarl.agents.base.Agent``); PPO acts without a carry.
 
 Design choices:
 
@@ -37,16 +38,29 @@ import optax
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
+from lunarl.agents.base import (
+    ENV_AXIS,
+    EPISODE_STATISTICS,
+    EPISODES_FINISHED,
+    REPLICATED,
+    Agent,
+    AgentConfig,
+    Policy,
+    episode_metrics,
+    stateless,
+)
 from lunarl.agents.networks import ACTIVATIONS, ActorCritic, RunningStats
-from lunarl.config import Config, bounded
+from lunarl.config import bounded
 from lunarl.envs.base import LunarEnv, State, wrap_for_training
 
 __all__ = [
-    "CONFIG_CLASS",
+    "AGENT",
+    "METRIC_NAMES",
     "PPOConfig",
     "TrainState",
     "Transition",
     "compute_gae",
+    "env_axes",
     "init",
     "make_policy",
     "policy_params",
@@ -58,17 +72,18 @@ __all__ = [
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOConfig(Config):
-    """PPO hyperparameters. Defaults follow the rover seed (lr 3e-4, 10 epochs, [256, 256] tanh)."""
+class PPOConfig(AgentConfig):
+    """PPO hyperparameters. Defaults follow the rover seed (lr 3e-4, 10 epochs, [256, 256] tanh).
 
-    num_envs: int = bounded(64, 1, None, "parallel environments")
-    episode_length: int = bounded(1000, 1, None, "episode limit (steps) applied by the wrapper")
+    ``num_envs``, ``episode_length`` and ``total_iterations`` (the span of the linear LR decay)
+    come from ``AgentConfig``.
+    """
+
     unroll_length: int = bounded(32, 1, None, "steps collected per env per iteration")
     num_minibatches: int = bounded(8, 1, None, "minibatches per epoch")
     num_epochs: int = bounded(10, 1, None, "passes over each batch")
     learning_rate: float = bounded(3e-4, 1e-8, 1.0)
     lr_decay: bool = False
-    total_iterations: int = bounded(1000, 1, None, "iterations the linear LR decay spans")
     gamma: float = bounded(0.99, 0.0, 1.0)
     gae_lambda: float = bounded(0.95, 0.0, 1.0)
     clip_eps: float = bounded(0.2, 1e-3, 1.0)
@@ -100,8 +115,9 @@ class PPOConfig(Config):
     def updates_per_iteration(self) -> int:
         return self.num_epochs * self.num_minibatches
 
-
-CONFIG_CLASS = PPOConfig
+    @property
+    def env_steps_per_iteration(self) -> int:
+        return self.num_envs * self.unroll_length
 
 
 class TrainState(struct.PyTreeNode):
@@ -173,8 +189,7 @@ def _flat_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
 
 def _optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
     # ``flatten``: the clip and Adam run on one concatenated vector instead of leaf by leaf,
-    # a few fused ops per minibatch step rather than a few per parameter (~10% of the update
-    # time on CPU with small nets; fewer kernel launches on GPU). Its state is exactly
+    # a few fused ops per minibatch step rather than a few per parameter. Its state is exactly
     # ``_flat_optimizer``'s state for the raveled parameters, which ``_learn`` relies on.
     return optax.flatten(_flat_optimizer(cfg))
 
@@ -233,18 +248,24 @@ def policy_params(ts: TrainState) -> dict[str, Any]:
     return {"params": ts.params, "obs_stats": ts.obs_stats}
 
 
-def make_policy(env: LunarEnv, cfg: PPOConfig):
-    """``policy(params, obs, rng, deterministic) -> action`` in [-1, 1] for obs [..., obs_size]."""
+def make_policy(env: LunarEnv, cfg: PPOConfig) -> Policy:
+    """PPO's ``Policy`` (no carry): a Gaussian sample, or its mean, clipped to [-1, 1]."""
     net = _network(env, cfg)
 
-    def policy(params: dict[str, Any], obs: jax.Array, rng: jax.Array, deterministic: bool = True) -> jax.Array:
+    def policy(params: dict[str, Any], obs: jax.Array, rng: jax.Array, deterministic: Any = True) -> jax.Array:
         obs = _features(env, cfg, params["obs_stats"], obs)
         mean, log_std = net.apply(params["params"], obs, method=ActorCritic.policy)
         sample = distrax.MultivariateNormalDiag(mean, jnp.exp(log_std)).sample(seed=rng)
         # ``where`` so ``deterministic`` may be a Python bool or a traced one.
         return jnp.clip(jnp.where(deterministic, mean, sample), -1.0, 1.0)
 
-    return policy
+    return stateless(policy)
+
+
+def env_axes(ts: TrainState) -> TrainState:
+    """Placement specs: the env states carry the env batch on their leading axis."""
+    specs = jax.tree.map(lambda _: REPLICATED, ts)
+    return specs.replace(env_state=jax.tree.map(lambda _: ENV_AXIS, ts.env_state))
 
 
 def rollout(ts: TrainState) -> tuple[State, Transition, jax.Array]:
@@ -351,8 +372,8 @@ def shuffled_indices(key: jax.Array, n: int) -> jax.Array:
 
     Like ``jax.random.permutation`` it orders random keys, but each uint32 key carries its
     index in its low bits, so XLA sorts one plain integer array instead of running two
-    key-value sorts: on XLA:CPU 136 µs instead of 920 µs for 2,048 samples (3.7 ms of a 20 ms
-    rover iteration with 4 epochs). The remaining ``32 - log2(n)`` random bits leave about
+    key-value sorts, which XLA:CPU runs through a comparator call per comparison (measured in
+    ``scripts/results/xla_cpu_notes.md``). The remaining ``32 - log2(n)`` random bits leave about
     ``n**2 / 2**(33 - log2(n))`` tied pairs per shuffle (about one for 2,048 samples); a tied
     pair keeps its index order, which does not matter for SGD. Above 2**16 samples fewer than
     16 random bits would remain, so larger batches use ``jax.random.permutation``.
@@ -366,16 +387,13 @@ def shuffled_indices(key: jax.Array, n: int) -> jax.Array:
 
 
 def _learn(
-    ts: TrainState, net: ActorCritic, data: _Sample, rng: jax.Array, shuffle: bool = True
+    ts: TrainState, net: ActorCritic, data: _Sample, rng: jax.Array
 ) -> tuple[Any, Any, dict[str, jax.Array]]:
-    """``num_epochs`` passes of shuffled minibatch Adam steps over ``data`` ([B, ...]).
-
-    ``shuffle=False`` takes the minibatches in storage order (only for profiling the steps).
-    """
+    """``num_epochs`` passes of shuffled minibatch Adam steps over ``data`` ([B, ...])."""
     cfg = ts.cfg
     # The minibatch loop works on one flat parameter vector (raveled once per iteration, in
     # the order optax.flatten uses, so ``ts.opt_state`` fits as it is): no ravel of the
-    # parameters and unravel of the updates in every step (3-4% of a rover iteration on CPU).
+    # parameters and unravel of the updates in every step.
     optimizer = _flat_optimizer(cfg)
     flat_params, unravel = ravel_pytree(ts.params)
     batch_size = data.advantage.shape[0]
@@ -389,10 +407,8 @@ def _learn(
         return (params + updates, opt_state), aux
 
     def epoch(carry, key: jax.Array):
-        shuffled = data
-        if shuffle:
-            perm = shuffled_indices(key, batch_size)
-            shuffled = jax.tree.map(lambda x: x[perm], data)
+        perm = shuffled_indices(key, batch_size)
+        shuffled = jax.tree.map(lambda x: x[perm], data)
         minibatches = jax.tree.map(lambda x: x.reshape((cfg.num_minibatches, -1) + x.shape[1:]), shuffled)
         return jax.lax.scan(minibatch_step, carry, minibatches)
 
@@ -440,19 +456,38 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
         env_steps=ts.env_steps + cfg.num_envs * cfg.unroll_length,
     )
 
-    finished = batch.done.sum()
-    per_episode = lambda x: (x * batch.done).sum() / jnp.maximum(finished, 1.0)  # noqa: E731
     target_var = jnp.var(targets)
     explained = jnp.where(target_var > 0, 1.0 - jnp.var(targets - values) / target_var, 0.0)
     lr = _lr_schedule(cfg)(ts.iteration * cfg.updates_per_iteration)
     metrics = {
-        "charts/episode_return": per_episode(batch.episode_return),
-        "charts/episode_length": per_episode(batch.episode_length),
-        "charts/success_rate": per_episode(batch.episode_success),
-        "charts/episodes_finished": finished,
+        **episode_metrics(batch.done, batch.episode_return, batch.episode_length, batch.episode_success),
         "charts/learning_rate": lr,
         "losses/explained_variance": explained,
         **loss_metrics,
-        "env_steps": new_ts.env_steps,
     }
     return new_ts, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+
+METRIC_NAMES = (
+    *EPISODE_STATISTICS,
+    EPISODES_FINISHED,
+    "charts/learning_rate",
+    "losses/explained_variance",
+    "losses/policy_loss",
+    "losses/value_loss",
+    "losses/entropy",
+    "losses/approx_kl",
+    "losses/clip_fraction",
+    "losses/grad_norm",
+)
+
+AGENT = Agent(
+    name="ppo",
+    config_class=PPOConfig,
+    init=init,
+    train_step=train_step,
+    policy_params=policy_params,
+    make_policy=make_policy,
+    env_axes=env_axes,
+    metric_names=METRIC_NAMES,
+)

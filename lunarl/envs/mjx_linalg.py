@@ -88,7 +88,7 @@ def _forward_substitution(low: jax.Array, b: jax.Array) -> jax.Array:
 def _back_substitution(up: jax.Array, b: jax.Array) -> jax.Array:
     """``x`` with ``up @ x = b`` for upper-triangular ``up``; ``b`` is [n] or [n, k]."""
     # Written out rather than as the forward substitution on reversed rows and columns: the
-    # reversals measured about 5% slower on a 64-env kuka step (XLA:CPU, emitters off).
+    # reversals measured slower on a kuka step (scripts/results/xla_cpu_notes.md).
     x: list[jax.Array] = []  # rows n-1, n-2, ...
     for i in reversed(range(up.shape[-1])):
         r = b[i] - (up[i, i + 1 :] @ jnp.stack(x[::-1]) if x else 0.0)

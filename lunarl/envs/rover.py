@@ -339,10 +339,9 @@ def _layout_uniforms(key: jax.Array, n: int) -> jax.Array:
     return (bits >> 8).astype(jnp.float32) * jnp.float32(1.0 / (1 << 24))
 
 
-# XLA:CPU notes, measured on the 2-core dev CPU with jax 0.10.2 (vmapped over 4,096 arenas):
-# ``lax.top_k`` lowers to a per-row TopK library call (~300 ns per row of 15), a reduce over a
-# short minor axis goes through a library fusion (~12 ns per row of 7), and ``atan2`` is a scalar
-# libm call (~40 ns per element), while elementwise ops fuse and vectorise across the batch. So
+# XLA:CPU notes (numbers in scripts/results/xla_cpu_notes.md): ``lax.top_k`` lowers to a per-row
+# TopK library call, a reduce over a short minor axis goes through a library fusion, and
+# ``atan2`` is a scalar libm call, while elementwise ops fuse and vectorise across the batch. So
 # the sensor selects with unique integer keys and reductions over the short object axis are
 # unrolled chains of elementwise ops (``_fold``), and bearings use a polynomial ``atan2``.
 # XLA:CPU also duplicates cheap elementwise producers into every consumer fusion; the rolled

@@ -19,6 +19,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+from lunarl.agents.base import EPISODE_RETURN, SUCCESS_RATE
+
 __all__ = ["ConsoleProgress", "JsonlWriter", "RunLogger", "WandbLogger"]
 
 
@@ -130,8 +132,8 @@ class ConsoleProgress:
         steps = row["global_step"]
         sps = row.get("perf/steps_per_second", 0.0)
         # Chunks in which no episode finished carry no episode statistics: keep the last ones.
-        ret = self.last_return = row.get("charts/episode_return", self.last_return)
-        success = self.last_success = row.get("charts/success_rate", self.last_success)
+        ret = self.last_return = row.get(EPISODE_RETURN, self.last_return)
+        success = self.last_success = row.get(SUCCESS_RATE, self.last_success)
         if self.progress is not None:
             self.progress.update(self.task, description="train", completed=steps, sps=sps, ret=ret, success=success)
             return

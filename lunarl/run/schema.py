@@ -7,21 +7,20 @@ classes for ``env.*`` and ``agent.*``), which turns the composed config into the
 needs and raises ``ConfigError`` with a one-line message naming the key.
 
 ``env`` and ``agent`` are open dictionaries in the schema: their fields belong to each env's and
-agent's config class (``lunarl.envs.config_class(name)``, ``lunarl.agents.get(name).CONFIG_CLASS``),
+agent's config class (``lunarl.envs.config_class(name)``, ``lunarl.agents.get(name).config_class``),
 which is the single place their names, types and ranges are declared.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from lunarl.config import Config, bounded
+from lunarl.config import Config, bounded, range_violation
 
 __all__ = [
     "ConfigError",
@@ -34,12 +33,6 @@ __all__ = [
 
 # Keys of the ``env`` node that the train app consumes itself; the rest go to the env's config.
 ENV_RUN_KEYS = ("name", "num_envs", "episode_length")
-# Agent fields the app derives from other keys (so that each number has one home).
-AGENT_DERIVED = {
-    "num_envs": "env.num_envs",
-    "episode_length": "env.episode_length",
-    "total_iterations": "run.total_env_steps",
-}
 
 
 class ConfigError(ValueError):
@@ -145,13 +138,9 @@ def check_bounds(obj: Any, prefix: str) -> None:
         if dataclasses.is_dataclass(value):
             check_bounds(value, key)
             continue
-        low, high = f.metadata.get("range", (None, None))
-        if value is None or isinstance(value, (str, bool)):
-            continue
-        if (low is not None and value < low) or (high is not None and value > high):
-            lo = "-inf" if low is None else low
-            hi = "inf" if high is None else high
-            raise ConfigError(f"{key}={value!r} is out of range: allowed [{lo}, {hi}]")
+        problem = range_violation(f, value)
+        if problem:
+            raise ConfigError(f"{key}={value!r} {problem}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,26 +229,23 @@ def validate_train(cfg: DictConfig) -> Plan:
     agent_node = dict(schema.agent)
     agent_name = agent_node.pop("name", None)
     if agent_name is None:
-        raise ConfigError("agent.name is missing: choose an agent with agent=ppo")
+        raise ConfigError(f"agent.name is missing: choose an agent with agent=NAME (known: {lunarl.agents.known()})")
     try:
         agent = lunarl.agents.get(agent_name)
     except ValueError as e:
         raise ConfigError(f"agent.name={agent_name!r}: {e}") from e
-    for key, home in AGENT_DERIVED.items():
+    config_class = agent.config_class
+    for key, home in config_class.HOST_FIELDS.items():
         if key in agent_node:
             raise ConfigError(f"agent.{key} is derived by the train app; set {home} instead")
     episode_length = env_run.episode_length or env_cls.default_episode_length
     try:
-        probe = agent.CONFIG_CLASS.build(
-            **agent_node, num_envs=env_run.num_envs, episode_length=episode_length
-        )
+        probe = config_class.build(**agent_node, num_envs=env_run.num_envs, episode_length=episode_length)
     except ValueError as e:
         raise ConfigError(_user_message(e, "agent")) from e
-    # Env steps per iteration of one seed (run.total_env_steps counts per seed).
-    steps_per_iteration = probe.num_envs * probe.unroll_length
     # Whole chunks only, so every chunk is the same compiled program (and resumes line up).
-    chunks = math.ceil(run.total_env_steps / (steps_per_iteration * run.log_every))
-    total_iterations = chunks * run.log_every
+    # run.total_env_steps counts the env steps of one seed.
+    total_iterations = probe.iterations_for(run.total_env_steps, multiple_of=run.log_every)
     agent_config = probe.replace(total_iterations=total_iterations)
     return Plan(
         cfg=schema,
@@ -267,6 +253,6 @@ def validate_train(cfg: DictConfig) -> Plan:
         env_config=env_config,
         agent_name=agent_name,
         agent_config=agent_config,
-        steps_per_iteration=steps_per_iteration,
+        steps_per_iteration=agent_config.env_steps_per_iteration,
         total_iterations=total_iterations,
     )

@@ -1,0 +1,76 @@
+"""The compiled programs of a run, built from an ``Agent``: the seed-vmapped ``init``, its
+abstract shape (the restore target), and the chunk of training iterations.
+
+Each takes the run's ``Placement``, so the state is created, restored and trained where the mesh
+says. Nothing here knows which agent it is building for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lunarl._platform import compile_options
+from lunarl.agents.base import Agent
+from lunarl.run.placement import Placement
+
+__all__ = ["abstract_state", "init_state", "make_chunk", "seed_keys"]
+
+
+def seed_keys(seed: int, num_seeds: int) -> jax.Array:
+    """One init key per seed, all split from ``seed``."""
+    return jax.random.split(jax.random.PRNGKey(seed), num_seeds)
+
+
+def _init_shapes(agent: Agent, env: Any, cfg: Any, num_seeds: int) -> Any:
+    return jax.eval_shape(jax.vmap(lambda k: agent.init(k, env, cfg)), seed_keys(0, num_seeds))
+
+
+def init_state(agent: Agent, env: Any, cfg: Any, keys: jax.Array, placement: Placement) -> Any:
+    """The seeds' TrainStates, stacked on a leading seed axis, placed by ``placement``."""
+    shardings = placement.state_shardings(agent, _init_shapes(agent, env, cfg, keys.shape[0]))
+    init = jax.jit(
+        jax.vmap(lambda k: agent.init(k, env, cfg)),
+        out_shardings=shardings,
+        compiler_options=compile_options(env),
+    )
+    return init(keys)
+
+
+def abstract_state(agent: Agent, env: Any, cfg: Any, num_seeds: int, placement: Placement) -> Any:
+    """Shapes, dtypes and shardings of ``init_state`` without computing it: the Orbax restore
+    target (explicit shardings, so a checkpoint written on other devices restores here)."""
+    shapes = _init_shapes(agent, env, cfg, num_seeds)
+    shardings = placement.state_shardings(agent, shapes)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+def make_chunk(agent: Agent, env: Any, num_iterations: int) -> Callable[[Any], tuple[Any, dict, jax.Array]]:
+    """``chunk(ts) -> (ts, metrics[K, S], finite)``: K seed-vmapped iterations as one ``lax.scan``.
+
+    The input TrainState is donated: its buffers become the output's, so a state that holds a
+    replay buffer is never in device memory twice; do not use ``ts`` after the call. ``finite``
+    is False when any metric or policy parameter became NaN/inf, so the host can stop before
+    the broken state is saved. ``env`` (the one the states step) picks the XLA compile options.
+    """
+    step = jax.vmap(agent.train_step)
+
+    def chunk(ts: Any) -> tuple[Any, dict, jax.Array]:
+        ts, metrics = jax.lax.scan(lambda t, _: step(t), ts, None, length=num_iterations)
+        if set(metrics) != set(agent.metric_names):
+            raise ValueError(
+                f"agent {agent.name!r}: train_step returned metrics {sorted(metrics)}, "
+                f"but its metric_names are {sorted(agent.metric_names)}"
+            )
+        finite = _all_finite(metrics) & _all_finite(jax.vmap(agent.policy_params)(ts))
+        return ts, metrics, finite
+
+    return jax.jit(chunk, donate_argnums=0, compiler_options=compile_options(env))

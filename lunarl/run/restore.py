@@ -1,0 +1,60 @@
+"""Loading a trained run back from its checkpoints, for evaluation and analysis.
+
+``restore_run(checkpoint_dir, "best")`` reads the config saved with the checkpoint, rebuilds the
+env and agent from it, and restores the TrainState onto this machine's devices. ``lunarl.evaluate``
+and the scripts use it; the train loop restores its own resume target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from lunarl.agents.base import Agent
+from lunarl.envs.base import LunarEnv
+from lunarl.run.checkpoint import Checkpoints
+from lunarl.run.placement import Placement
+from lunarl.run.programs import abstract_state
+from lunarl.run.schema import Plan, validate_train
+
+__all__ = ["SavedRun", "checkpoint_dir_of", "restore_run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+    plan: Plan  # the run's validated config, as saved with the checkpoint
+    env: LunarEnv
+    agent: Agent
+    state: Any  # seed-stacked TrainState
+    meta: dict[str, Any]  # iteration, global_step (and score for best)
+    placement: Placement
+
+
+def checkpoint_dir_of(run_dir: Path) -> str:
+    """Where a run wrote its checkpoints: ``checkpoint.dir`` of its resolved ``config.yaml``
+    (which may be ``s3://...``), else ``RUN_DIR/checkpoints``."""
+    resolved = Path(run_dir) / "config.yaml"
+    if resolved.exists():
+        return str(OmegaConf.load(resolved).checkpoint.dir)
+    return str(Path(run_dir) / "checkpoints")
+
+
+def restore_run(checkpoint_dir: str, which: str | int = "latest") -> SavedRun:
+    """Restore checkpoint ``which`` (latest, best or an iteration) of the run in ``checkpoint_dir``.
+
+    Raises ``CheckpointError`` (missing or unfit checkpoint) and ``ConfigError`` (a saved config
+    this version cannot read), each naming the path or key.
+    """
+    ckpts = Checkpoints(checkpoint_dir, create=False)
+    try:
+        plan = validate_train(OmegaConf.create(ckpts.read(which, "config")))
+        env, agent = plan.env_and_agent()
+        placement = Placement.for_seeds(plan.cfg.num_seeds)
+        target = abstract_state(agent, env, plan.agent_config, plan.cfg.num_seeds, placement)
+        state, _, meta = ckpts.restore(which, target)
+    finally:
+        ckpts.close()
+    return SavedRun(plan, env, agent, state, meta, placement)
