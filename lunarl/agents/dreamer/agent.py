@@ -1,0 +1,519 @@
+"""The Dreamer agent as the host sees it: config, TrainState, ``train_step`` and the policy.
+
+One ``train_step`` is one XLA program: ``lax.scan`` over ``unroll_length`` steps of the vmapped
+training envs, each acting from its filtered RSSM carry (``Policy.act``: reset where
+``is_first``, one prior step with the previous action, the posterior with the new observation,
+the actor on the latent); the steps are appended to the on-device replay
+(``lunarl.agents.replay``, ``[capacity, num_envs, ...]``) that lives in the TrainState; then
+``updates_per_iteration`` gradient updates in a second ``lax.scan``, each on ``batch_size``
+freshly sampled sequences of ``seq_len`` steps: world model, then actor and critic on
+imagination from every posterior latent of the batch, then the slow critic. Until
+``prefill`` env steps have been taken the actions are uniform in [-1, 1] and the updates are
+skipped with ``lax.cond``, so the program is the same from the first iteration to the last.
+
+``updates_per_iteration = train_ratio * env_steps_per_iteration / (batch_size * seq_len)``:
+``train_ratio`` is DreamerV3's replayed steps per env step.
+
+Size presets (``size``): ``tiny`` (the CPU default), ``1m`` and ``12m``, after DreamerV3's
+``size1m``/``size12m`` (deter, hidden, classes, MLP units; 32 categoricals). DreamerV3's newer
+code splits the GRU into blocks; this GRU is dense, so its presets hold more parameters than
+their names say (``scripts/bench_dreamer.py`` prints the counts). A run resumed with another
+``agent.size`` is refused by the host before any array is read, because ``agent.*`` must match the
+checkpoint's saved config (``lunarl.run.checkpoint.config_differences``).
+
+Replay rows (``Step``) keep both the observation acted on and the one the step produced before
+the auto-reset (``info["final_obs"]``), so terminal outcomes (crash penalty, lap bonus) are
+learned and a time limit is not taught as a termination; see ``world_model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from lunarl.agents import replay as replay_lib
+from lunarl.agents.base import (
+    ENV_AXIS,
+    EPISODE_STATISTICS,
+    EPISODES_FINISHED,
+    REPLICATED,
+    Agent,
+    AgentConfig,
+    Policy,
+    episode_metrics,
+    reset_carry,
+)
+from lunarl.agents.dreamer import behavior
+from lunarl.agents.dreamer.world_model import (
+    Latent,
+    ModelDims,
+    TwoHot,
+    WorldModelNet,
+    sample_stoch,
+    unimix_logits,
+    world_model_loss,
+)
+from lunarl.config import bounded
+from lunarl.envs.base import LunarEnv, State, wrap_for_training
+
+__all__ = [
+    "AGENT",
+    "METRIC_NAMES",
+    "SIZES",
+    "DreamerConfig",
+    "Step",
+    "TrainState",
+    "init",
+    "learn",
+    "make_policy",
+    "policy_params",
+    "train_step",
+]
+
+SIZES: dict[str, ModelDims] = {
+    "tiny": ModelDims(deter=128, hidden=64, stoch=8, classes=8, units=64, layers=1),
+    "1m": ModelDims(deter=512, hidden=64, stoch=32, classes=4, units=64, layers=2),
+    "12m": ModelDims(deter=2048, hidden=256, stoch=32, classes=16, units=256, layers=2),
+}
+ACTOR_GRADS = ("backprop", "reinforce")
+
+
+@dataclasses.dataclass(frozen=True)
+class DreamerConfig(AgentConfig):
+    """Dreamer hyperparameters. Defaults follow DreamerV3 where the CPU allows (discount
+    1 - 1/333, lambda 0.95, horizon 15, free nats 1, unimix 1%, 255 bins, slow critic 0.02,
+    return percentiles 5-95 with EMA 0.01 and limit 1, entropy 3e-4, dyn 1.0 / rep 0.1);
+    learning rates and clipping are those of its 2023 code (Adam), and the batch, sequence
+    length and ``train_ratio`` are smaller so a CPU iteration stays short."""
+
+    size: str = "tiny"
+    unroll_length: int = bounded(16, 1, None, "env steps per env per iteration")
+    train_ratio: float = bounded(64.0, 0.0, None, "replayed steps per env step")
+    batch_size: int = bounded(16, 1, None, "sequences per update")
+    seq_len: int = bounded(32, 2, None, "steps per sequence")
+    buffer_size: int = bounded(1_000_000, 1, None, "replay capacity in env steps (all envs)")
+    prefill: int = bounded(2_500, 0, None, "env steps of uniform actions before any update")
+    horizon: int = bounded(15, 1, None, "imagination steps")
+    gamma: float = bounded(0.997, 0.0, 1.0)
+    lam: float = bounded(0.95, 0.0, 1.0)
+    model_lr: float = bounded(1e-4, 1e-8, 1.0)
+    actor_lr: float = bounded(3e-5, 1e-8, 1.0)
+    critic_lr: float = bounded(3e-5, 1e-8, 1.0)
+    model_clip: float = bounded(1000.0, 1e-6, None, "global-norm gradient clip of the world model")
+    actor_clip: float = bounded(100.0, 1e-6, None)
+    critic_clip: float = bounded(100.0, 1e-6, None)
+    model_eps: float = bounded(1e-8, 0.0, 1.0, "Adam epsilon")
+    ac_eps: float = bounded(1e-5, 0.0, 1.0, "Adam epsilon of actor and critic")
+    dyn_scale: float = bounded(1.0, 0.0, None)
+    rep_scale: float = bounded(0.1, 0.0, None)
+    free_nats: float = bounded(1.0, 0.0, None)
+    unimix: float = bounded(0.01, 0.0, 1.0)
+    num_bins: int = bounded(255, 3, None)
+    actor_grad: str = "backprop"
+    actor_entropy: float = bounded(3e-4, 0.0, None)
+    actor_min_std: float = bounded(0.1, 1e-4, None)
+    actor_max_std: float = bounded(1.0, 1e-4, None)
+    slow_critic_rate: float = bounded(0.02, 0.0, 1.0)
+    slow_reg: float = bounded(1.0, 0.0, None)
+    return_norm_rate: float = bounded(0.01, 0.0, 1.0)
+    return_norm_limit: float = bounded(1.0, 1e-8, None)
+
+    def check(self) -> None:
+        if self.size not in SIZES:
+            raise ValueError(f"DreamerConfig.size={self.size!r} is not allowed: allowed {sorted(SIZES)}")
+        if self.actor_grad not in ACTOR_GRADS:
+            raise ValueError(f"DreamerConfig.actor_grad={self.actor_grad!r} is not allowed: allowed {list(ACTOR_GRADS)}")
+        if self.actor_min_std >= self.actor_max_std:
+            raise ValueError(
+                f"DreamerConfig.actor_min_std={self.actor_min_std} must be below actor_max_std={self.actor_max_std}"
+            )
+        if self.updates_per_iteration < 1:
+            raise ValueError(
+                f"DreamerConfig.train_ratio={self.train_ratio} gives less than one update per iteration "
+                f"(train_ratio x num_envs x unroll_length / (batch_size x seq_len) = "
+                f"{self.train_ratio * self.env_steps_per_iteration / (self.batch_size * self.seq_len):.2f}); "
+                "raise train_ratio or unroll_length"
+            )
+        if self.capacity < max(self.seq_len, self.unroll_length):
+            raise ValueError(
+                f"DreamerConfig.buffer_size={self.buffer_size} holds {self.capacity} rows of num_envs="
+                f"{self.num_envs}; it needs at least seq_len={self.seq_len} and unroll_length={self.unroll_length}"
+            )
+
+    @property
+    def dims(self) -> ModelDims:
+        return SIZES[self.size]
+
+    @property
+    def capacity(self) -> int:
+        """Replay rows (one vectorised env step each)."""
+        return -(-self.buffer_size // self.num_envs)
+
+    @property
+    def updates_per_iteration(self) -> int:
+        return round(self.train_ratio * self.env_steps_per_iteration / (self.batch_size * self.seq_len))
+
+    @property
+    def env_steps_per_iteration(self) -> int:
+        return self.num_envs * self.unroll_length
+
+
+# --------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------
+
+
+@struct.dataclass
+class Step:
+    """One env step as the replay stores it (leaves gain [capacity, num_envs] there)."""
+
+    obs: jax.Array  # the observation acted on
+    is_first: jax.Array  # 1.0 where ``obs`` starts an episode
+    action: jax.Array  # in [-1, 1], the action taken
+    reward: jax.Array
+    next_obs: jax.Array  # the observation the step produced, before any auto-reset
+    terminated: jax.Array  # 1.0 on a true termination (not a time limit)
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything one Dreamer run carries between iterations; only arrays are pytree leaves."""
+
+    params: dict[str, Any]  # world_model, actor, critic, slow_critic
+    opt_state: dict[str, Any]  # world_model, actor, critic
+    return_norm: behavior.ReturnNorm
+    replay: replay_lib.Replay
+    env_state: State  # batched, from the training wrapper stack
+    carry: dict[str, jax.Array]  # the policy carry of the training envs (leaves [N, ...])
+    is_first: jax.Array  # bool[N]: the env's current observation starts an episode
+    rng: jax.Array
+    iteration: jax.Array  # int32
+    env_steps: jax.Array  # int32, this seed's env steps
+    gradient_steps: jax.Array  # int32
+    env: LunarEnv = struct.field(pytree_node=False)
+    cfg: DreamerConfig = struct.field(pytree_node=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Nets:
+    """The Flax modules of one config (stateless; parameters live in the TrainState)."""
+
+    world_model: WorldModelNet
+    actor: behavior.ActorNet
+    critic: behavior.CriticNet
+    twohot: TwoHot
+
+
+def nets(env: LunarEnv, cfg: DreamerConfig) -> Nets:
+    d = cfg.dims
+    return Nets(
+        world_model=WorldModelNet(env.observation_size, env.action_size, d, cfg.num_bins),
+        actor=behavior.ActorNet(env.action_size, d.layers, d.units, cfg.actor_min_std, cfg.actor_max_std),
+        critic=behavior.CriticNet(d.layers, d.units, cfg.num_bins),
+        twohot=TwoHot(cfg.num_bins),
+    )
+
+
+def _optimizers(cfg: DreamerConfig) -> dict[str, optax.GradientTransformation]:
+    def opt(lr: float, clip: float, eps: float) -> optax.GradientTransformation:
+        return optax.chain(optax.clip_by_global_norm(clip), optax.adam(lr, eps=eps))
+
+    return {
+        "world_model": opt(cfg.model_lr, cfg.model_clip, cfg.model_eps),
+        "actor": opt(cfg.actor_lr, cfg.actor_clip, cfg.ac_eps),
+        "critic": opt(cfg.critic_lr, cfg.critic_clip, cfg.ac_eps),
+    }
+
+
+def _training_env(env: LunarEnv, cfg: DreamerConfig):
+    return wrap_for_training(env, cfg.episode_length)
+
+
+def _as_raw_key(rng: jax.Array) -> jax.Array:
+    """Accept new-style typed keys too; the env contract stores raw uint32[2] keys."""
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(rng)
+    return rng
+
+
+def _example_step(env: LunarEnv) -> Step:
+    obs = jnp.zeros((env.observation_size,), jnp.float32)
+    scalar = jnp.zeros((), jnp.float32)
+    return Step(obs=obs, is_first=scalar, action=jnp.zeros((env.action_size,), jnp.float32),
+                reward=scalar, next_obs=obs, terminated=scalar)  # fmt: skip
+
+
+def init(rng: jax.Array, env: LunarEnv, cfg: DreamerConfig) -> TrainState:
+    """A fresh train state: networks, optimisers, an empty replay, reset envs and carries."""
+    rng = _as_raw_key(rng)
+    k_wm, k_actor, k_critic, k_env, k_state = jax.random.split(rng, 5)
+    n = nets(env, cfg)
+    d = cfg.dims
+    obs = jnp.zeros((1, env.observation_size), jnp.float32)
+    wm = n.world_model.init(k_wm, obs, jnp.zeros((1, env.action_size), jnp.float32))
+    feat = jnp.zeros((1, d.feat_size), jnp.float32)
+    actor = n.actor.init(k_actor, feat)
+    critic = n.critic.init(k_critic, feat)
+    params = {"world_model": wm, "actor": actor, "critic": critic, "slow_critic": critic}
+    opts = _optimizers(cfg)
+    return TrainState(
+        params=params,
+        opt_state={k: opts[k].init(params[k]) for k in opts},
+        return_norm=behavior.ReturnNorm.create(),
+        replay=replay_lib.init(cfg.capacity, cfg.num_envs, _example_step(env)),
+        env_state=_training_env(env, cfg).reset(jax.random.split(k_env, cfg.num_envs)),
+        carry=_initial_carry(env, cfg, cfg.num_envs),
+        is_first=jnp.ones((cfg.num_envs,), bool),
+        rng=k_state,
+        iteration=jnp.zeros((), jnp.int32),
+        env_steps=jnp.zeros((), jnp.int32),
+        gradient_steps=jnp.zeros((), jnp.int32),
+        env=env,
+        cfg=cfg,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Acting
+# --------------------------------------------------------------------------------------------
+
+
+def _initial_carry(env: LunarEnv, cfg: DreamerConfig, batch_size: int) -> dict[str, jax.Array]:
+    """The reset carry: zero latent and zero previous action (what ``observe`` restarts from)."""
+    d = cfg.dims
+    return {
+        "deter": jnp.zeros((batch_size, d.deter), jnp.float32),
+        "stoch": jnp.zeros((batch_size, d.stoch_size), jnp.float32),
+        "action": jnp.zeros((batch_size, env.action_size), jnp.float32),
+    }
+
+
+def policy_params(ts: TrainState) -> dict[str, Any]:
+    """What acting needs: the world model (to filter the latent) and the actor."""
+    return {"world_model": ts.params["world_model"], "actor": ts.params["actor"]}
+
+
+def make_policy(env: LunarEnv, cfg: DreamerConfig) -> Policy:
+    """Dreamer's ``Policy``: the carry is the filtered latent and the previous action.
+
+    ``deterministic`` acts with the actor's mean; the latent is sampled either way (the actor was
+    trained on sampled latents), from ``rng``, so evaluation is reproducible.
+    """
+    n = nets(env, cfg)
+    wm, classes = n.world_model, cfg.dims.classes
+
+    def act(params: dict[str, Any], obs: jax.Array, carry: dict[str, jax.Array], is_first: jax.Array,
+            rng: jax.Array, deterministic: Any = True) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
+        chex.assert_rank(obs, 2)
+        carry = reset_carry(carry, _initial_carry(env, cfg, obs.shape[0]), is_first)
+        k_stoch, k_action = jax.random.split(rng)
+        wp = params["world_model"]
+        deter, _ = wm.apply(wp, carry["deter"], carry["stoch"], carry["action"], method=WorldModelNet.img_step)
+        post = wm.apply(wp, deter, wm.apply(wp, obs, method=WorldModelNet.embed), method=WorldModelNet.posterior)
+        stoch = jax.lax.stop_gradient(sample_stoch(k_stoch, unimix_logits(post, classes, cfg.unimix)))
+        mean, std = n.actor.apply(params["actor"], Latent(deter, stoch).feat)
+        sampled, _ = behavior.sample_action(k_action, mean, std)
+        action = jnp.where(deterministic, mean, sampled)
+        return action, {"deter": deter, "stoch": stoch, "action": action}
+
+    return Policy(initial_carry=lambda batch_size: _initial_carry(env, cfg, batch_size), act=act)
+
+
+@struct.dataclass
+class _Episode:
+    done: jax.Array
+    episode_return: jax.Array
+    episode_length: jax.Array
+    success: jax.Array
+
+
+def collect(ts: TrainState, rng: jax.Array) -> tuple[State, dict[str, jax.Array], jax.Array, Step, _Episode]:
+    """``unroll_length`` steps of the training envs from their carries (uniform actions during
+    prefill): (env state, carry, is_first, steps [T, N, ...], episode stats [T, N])."""
+    cfg = ts.cfg
+    env = _training_env(ts.env, cfg)
+    policy = make_policy(ts.env, cfg)
+    params = policy_params(ts)
+
+    def step(carry: tuple, xs: tuple) -> tuple[tuple, tuple]:
+        env_state, policy_carry, is_first = carry
+        t, key = xs
+        k_act, k_uniform = jax.random.split(key)
+        action, policy_carry = policy.act(params, env_state.obs, policy_carry, is_first, k_act, False)
+        uniform = jax.random.uniform(k_uniform, action.shape, minval=-1.0, maxval=1.0)
+        action = jnp.where(ts.env_steps + t * cfg.num_envs < cfg.prefill, uniform, action)
+        policy_carry = {**policy_carry, "action": action}  # the carry holds the action taken
+        nxt = env.step(env_state, action)
+        episode = nxt.info["episode_metrics"]
+        row = Step(
+            obs=env_state.obs,
+            is_first=is_first.astype(jnp.float32),
+            action=action,
+            reward=nxt.reward,
+            next_obs=nxt.info["final_obs"],
+            terminated=nxt.done * (1.0 - nxt.info["truncation"]),
+        )
+        stats = _Episode(
+            done=nxt.done,
+            episode_return=episode["sum_reward"],
+            episode_length=episode["length"],
+            success=(episode.get("success", jnp.zeros_like(nxt.reward)) > 0).astype(jnp.float32),
+        )
+        return (nxt, policy_carry, nxt.done.astype(bool)), (row, stats)
+
+    xs = (jnp.arange(cfg.unroll_length, dtype=jnp.int32), jax.random.split(rng, cfg.unroll_length))
+    (env_state, carry, is_first), (rows, stats) = jax.lax.scan(step, (ts.env_state, ts.carry, ts.is_first), xs)
+    return env_state, carry, is_first, rows, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Learning
+# --------------------------------------------------------------------------------------------
+
+WORLD_MODEL_METRICS = (
+    "world_model/loss",
+    "world_model/reconstruction",
+    "world_model/reward",
+    "world_model/continue",
+    "world_model/kl_dynamics",
+    "world_model/kl_representation",
+    "world_model/kl",
+    "world_model/reward_error",
+    "world_model/posterior_entropy",
+)
+BEHAVIOR_METRICS = (
+    "actor/loss",
+    "actor/entropy",
+    "actor/std",
+    "imagination/return",
+    "imagination/reward",
+    "imagination/continue",
+    "imagination/return_scale",
+    "critic/loss",
+    "critic/value",
+)
+LOSS_METRICS = WORLD_MODEL_METRICS + BEHAVIOR_METRICS
+
+
+def time_major(seq: Any) -> Any:
+    """[B, T, ...] -> [T, B, ...]."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), seq)
+
+
+def update(
+    n: Nets, cfg: DreamerConfig, params: dict[str, Any], opt_state: dict[str, Any],
+    norm: behavior.ReturnNorm, seq: Step, rng: jax.Array,
+) -> tuple[dict[str, Any], dict[str, Any], behavior.ReturnNorm, dict[str, jax.Array]]:  # fmt: skip
+    """One gradient update on time-major sequences ``seq``: world model, actor, critic, slow critic."""
+    opts = _optimizers(cfg)
+    k_wm, k_imagine = jax.random.split(rng)
+    wm_grad = jax.value_and_grad(world_model_loss, argnums=1, has_aux=True)
+    (_, (observed, wm_metrics)), grads = wm_grad(
+        n.world_model, params["world_model"], seq, k_wm, unimix=cfg.unimix, free_nats=cfg.free_nats,
+        dyn_scale=cfg.dyn_scale, rep_scale=cfg.rep_scale, twohot=n.twohot,
+    )  # fmt: skip
+    updates, wm_opt = opts["world_model"].update(grads, opt_state["world_model"])
+    wm_params = optax.apply_updates(params["world_model"], updates)
+
+    # Imagine from every posterior latent of the batch, with the world model the latents came from.
+    start = jax.tree.map(lambda x: jax.lax.stop_gradient(x.reshape((-1,) + x.shape[2:])), observed.latent)
+    actor_grad = jax.value_and_grad(behavior.behavior_losses, argnums=3, has_aux=True)
+    (_, (traj, returns, weight, norm, actor_metrics)), grads = actor_grad(
+        n.world_model, params["world_model"], n.actor, params["actor"], n.critic, params["critic"], start,
+        norm, k_imagine, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
+        actor_grad=cfg.actor_grad, actor_entropy=cfg.actor_entropy, norm_rate=cfg.return_norm_rate,
+        norm_limit=cfg.return_norm_limit, twohot=n.twohot,
+    )  # fmt: skip
+    updates, actor_opt = opts["actor"].update(grads, opt_state["actor"])
+    actor_params = optax.apply_updates(params["actor"], updates)
+
+    critic_grad = jax.value_and_grad(behavior.critic_loss, argnums=1, has_aux=True)
+    (_, critic_metrics), grads = critic_grad(
+        n.critic, params["critic"], params["slow_critic"], traj, returns, weight,
+        slow_reg=cfg.slow_reg, twohot=n.twohot,
+    )  # fmt: skip
+    updates, critic_opt = opts["critic"].update(grads, opt_state["critic"])
+    critic_params = optax.apply_updates(params["critic"], updates)
+    slow = optax.incremental_update(critic_params, params["slow_critic"], cfg.slow_critic_rate)
+
+    params = {"world_model": wm_params, "actor": actor_params, "critic": critic_params, "slow_critic": slow}
+    opt_state = {"world_model": wm_opt, "actor": actor_opt, "critic": critic_opt}
+    return params, opt_state, norm, {**wm_metrics, **actor_metrics, **critic_metrics}
+
+
+def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any], behavior.ReturnNorm, dict]:
+    """``updates_per_iteration`` updates, each on a fresh sample of the replay; metrics averaged."""
+    cfg = ts.cfg
+    n = nets(ts.env, cfg)
+
+    def body(carry: tuple, key: jax.Array) -> tuple[tuple, dict]:
+        params, opt_state, norm = carry
+        k_sample, k_update = jax.random.split(key)
+        seq = time_major(replay_lib.sample_sequences(ts.replay, k_sample, cfg.batch_size, cfg.seq_len))
+        params, opt_state, norm, metrics = update(n, cfg, params, opt_state, norm, seq, k_update)
+        return (params, opt_state, norm), metrics
+
+    keys = jax.random.split(rng, cfg.updates_per_iteration)
+    (params, opt_state, norm), metrics = jax.lax.scan(body, (ts.params, ts.opt_state, ts.return_norm), keys)
+    return params, opt_state, norm, jax.tree.map(jnp.mean, metrics)
+
+
+def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One Dreamer iteration (collect into the replay, then learn). Pure; jit it (donating ``ts``)."""
+    cfg = ts.cfg
+    rng, k_collect, k_learn = jax.random.split(ts.rng, 3)
+    env_state, carry, is_first, rows, stats = collect(ts, k_collect)
+    env_steps = ts.env_steps + cfg.env_steps_per_iteration
+    ts = ts.replace(
+        replay=replay_lib.add(ts.replay, rows), env_state=env_state, carry=carry, is_first=is_first,
+        env_steps=env_steps, rng=rng,
+    )  # fmt: skip
+    ready = (env_steps >= cfg.prefill) & replay_lib.can_sample(ts.replay, cfg.seq_len)
+
+    def skip(ts: TrainState, rng: jax.Array):
+        return ts.params, ts.opt_state, ts.return_norm, {k: jnp.zeros((), jnp.float32) for k in LOSS_METRICS}
+
+    # Under vmap (several seeds) ``cond`` becomes a select and both branches run; for one seed
+    # the prefill iterations skip the update work.
+    params, opt_state, norm, loss_metrics = jax.lax.cond(ready, learn, skip, ts, k_learn)
+    ts = ts.replace(
+        params=params, opt_state=opt_state, return_norm=norm, iteration=ts.iteration + 1,
+        gradient_steps=ts.gradient_steps + ready.astype(jnp.int32) * cfg.updates_per_iteration,
+    )  # fmt: skip
+    metrics = {
+        **episode_metrics(stats.done, stats.episode_return, stats.episode_length, stats.success),
+        "charts/gradient_steps": ts.gradient_steps,
+        "charts/replay_size": ts.replay.size * cfg.num_envs,
+        **loss_metrics,
+    }
+    return ts, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), metrics)
+
+
+def env_axes(ts: TrainState) -> TrainState:
+    """Env-batch leaves: the env states, the carries, ``is_first`` and the replay's columns."""
+    specs = jax.tree.map(lambda _: REPLICATED, ts)
+    return specs.replace(
+        env_state=jax.tree.map(lambda _: ENV_AXIS, ts.env_state),
+        carry=jax.tree.map(lambda _: ENV_AXIS, ts.carry),
+        is_first=ENV_AXIS,
+        replay=replay_lib.env_axes(ts.replay),
+    )
+
+
+METRIC_NAMES = (*EPISODE_STATISTICS, EPISODES_FINISHED, "charts/gradient_steps", "charts/replay_size", *LOSS_METRICS)
+
+AGENT = Agent(
+    name="dreamer",
+    config_class=DreamerConfig,
+    init=init,
+    train_step=train_step,
+    policy_params=policy_params,
+    make_policy=make_policy,
+    env_axes=env_axes,
+    metric_names=METRIC_NAMES,
+)

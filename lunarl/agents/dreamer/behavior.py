@@ -1,0 +1,256 @@
+"""Behaviour learned in imagination: actor and critic trained on latent rollouts of the world model.
+
+From every posterior latent of a replayed batch (``B * T`` starts) the actor drives the world
+model's prior for ``horizon`` steps; the reward and continue heads score the imagined steps and
+the critic values them. Targets are lambda-returns
+``R_t = r_{t+1} + gamma c_{t+1} ((1 - lambda) v_{t+1} + lambda R_{t+1})``, ``R_H = v_H``, where
+``c`` is the continue head's probability, and every step is weighted by the imagined probability
+of still being in the episode (``prod gamma c``, stopped).
+
+* Critic: two-hot over symlog bins, trained by cross-entropy on the (stopped) returns, plus a
+  regulariser towards the prediction of a slow EMA copy of itself (rate ``slow_critic_rate``),
+  which keeps the bootstrapped targets from chasing themselves.
+* Return normalisation: returns are divided by ``max(1, P95 - P5)``, the 5th-95th percentile
+  range tracked with an EMA (``ReturnNorm``); the max with 1 keeps small returns from being
+  inflated into noise, so the entropy bonus has the same meaning on every task.
+* Actor, continuous actions in [-1, 1]: a Gaussian with mean ``tanh(.)`` and a standard deviation
+  in ``[min_std, max_std]``; the sample is clipped to [-1, 1] with a straight-through gradient
+  (the dynamics see exactly what an env would get). Entropy bonus ``actor_entropy``.
+* Actor gradient, ``actor_grad``: ``backprop`` maximises the normalised returns by
+  differentiating them through the learned dynamics, reward and critic (the world model and
+  critic parameters are constants there); ``reinforce`` uses the score function with the
+  advantage ``(R_t - v_t) / scale``. **Default: ``backprop``**, the choice the DreamerV3 code of
+  2023 made for continuous actions: the returns are a differentiable function of the actions
+  through the model, so the gradient has far lower variance than the score function, which
+  matters most with the small batches a CPU affords (scripts/results/dreamer.md has the
+  measured comparison on the car track).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from lunarl.agents.dreamer.world_model import (
+    Latent,
+    Stack,
+    TwoHot,
+    WorldModelNet,
+    sample_stoch,
+    unimix_logits,
+)
+
+__all__ = [
+    "ActorNet",
+    "CriticNet",
+    "Imagined",
+    "ReturnNorm",
+    "action_distribution",
+    "imagine",
+    "lambda_returns",
+]
+
+_LOG_2PI_E = 1.0 + jnp.log(2.0 * jnp.pi)
+
+
+class ActorNet(nn.Module):
+    """Mean (in [-1, 1]) and standard deviation of a Gaussian per action dimension."""
+
+    action_size: int
+    layers: int
+    units: int
+    min_std: float = 0.1
+    max_std: float = 1.0
+
+    @nn.compact
+    def __call__(self, feat: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = Stack(self.layers, self.units, 2 * self.action_size)(feat)
+        mean, raw = jnp.split(out, 2, axis=-1)
+        # +2: a fresh actor starts near max_std, i.e. exploring.
+        std = self.min_std + (self.max_std - self.min_std) * jax.nn.sigmoid(raw + 2.0)
+        return jnp.tanh(mean), std
+
+
+class CriticNet(nn.Module):
+    """Two-hot value logits (zero-initialised output: a fresh critic predicts 0)."""
+
+    layers: int
+    units: int
+    num_bins: int = 255
+
+    @nn.compact
+    def __call__(self, feat: jax.Array) -> jax.Array:
+        return Stack(self.layers, self.units, self.num_bins, zero_out=True)(feat)
+
+
+def action_distribution(mean: jax.Array, std: jax.Array) -> dict[str, jax.Array]:
+    """Helpers of the Gaussian: its entropy (summed over dimensions)."""
+    return {"entropy": jnp.sum(0.5 * _LOG_2PI_E + jnp.log(std), axis=-1)}
+
+
+def gaussian_log_prob(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
+    z = (x - mean) / std
+    return jnp.sum(-0.5 * jnp.square(z) - jnp.log(std) - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
+
+
+def sample_action(rng: jax.Array, mean: jax.Array, std: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(action clipped to [-1, 1] with a straight-through gradient, the raw Gaussian sample)."""
+    raw = mean + std * jax.random.normal(rng, mean.shape)
+    clipped = jnp.clip(raw, -1.0, 1.0) + (raw - jax.lax.stop_gradient(raw))  # forward: exactly the clip
+    return clipped, raw
+
+
+class ReturnNorm(struct.PyTreeNode):
+    """EMA of the 5th and 95th percentile of the imagined returns."""
+
+    low: jax.Array
+    high: jax.Array
+
+    @classmethod
+    def create(cls) -> ReturnNorm:
+        return cls(low=jnp.zeros((), jnp.float32), high=jnp.zeros((), jnp.float32))
+
+    def update(self, returns: jax.Array, rate: float) -> ReturnNorm:
+        returns = jax.lax.stop_gradient(returns).reshape(-1)
+        low, high = jnp.percentile(returns, jnp.array([5.0, 95.0]))
+        return ReturnNorm(low=self.low + rate * (low - self.low), high=self.high + rate * (high - self.high))
+
+    def scale(self, limit: float) -> jax.Array:
+        """``max(limit, high - low)``: returns are divided by it."""
+        return jnp.maximum(limit, self.high - self.low)
+
+
+@struct.dataclass
+class Imagined:
+    """An imagined rollout, time-major: ``feat`` [H+1, N, F], ``action``/``raw_action`` [H, N, A]."""
+
+    feat: jax.Array
+    action: jax.Array
+    raw_action: jax.Array
+
+
+def imagine(
+    wm: WorldModelNet,
+    wm_params: Any,
+    actor: ActorNet,
+    actor_params: Any,
+    start: Latent,
+    rng: jax.Array,
+    horizon: int,
+    unimix: float,
+) -> Imagined:
+    """Roll the prior forward ``horizon`` steps from ``start`` (leaves [N, ...]) with the actor."""
+    classes = wm.dims.classes
+
+    def step(latent: Latent, key: jax.Array) -> tuple[Latent, tuple]:
+        k_act, k_stoch = jax.random.split(key)
+        feat = latent.feat
+        mean, std = actor.apply(actor_params, feat)
+        action, raw = sample_action(k_act, mean, std)
+        deter, prior_logits = wm.apply(wm_params, latent.deter, latent.stoch, action, method=WorldModelNet.img_step)
+        stoch = sample_stoch(k_stoch, unimix_logits(prior_logits, classes, unimix))
+        return Latent(deter, stoch), (feat, action, raw)
+
+    last, (feats, actions, raws) = jax.lax.scan(step, start, jax.random.split(rng, horizon))
+    feat = jnp.concatenate([feats, last.feat[None]], axis=0)
+    return Imagined(feat=feat, action=actions, raw_action=raws)
+
+
+def lambda_returns(
+    reward: jax.Array, cont: jax.Array, value: jax.Array, gamma: float, lam: float
+) -> jax.Array:
+    """``R_t`` for t < H from ``reward``/``cont`` [H, ...] (of steps 1..H) and ``value`` [H+1, ...]."""
+    chex.assert_equal_shape([reward, cont])
+    chex.assert_equal(value.shape[0], reward.shape[0] + 1)
+    discount = gamma * cont
+
+    def back(next_return: jax.Array, xs: tuple) -> tuple[jax.Array, jax.Array]:
+        r, d, v_next = xs
+        ret = r + d * ((1.0 - lam) * v_next + lam * next_return)
+        return ret, ret
+
+    _, returns = jax.lax.scan(back, value[-1], (reward, discount, value[1:]), reverse=True)
+    return returns
+
+
+def behavior_losses(
+    wm: WorldModelNet,
+    wm_params: Any,
+    actor: ActorNet,
+    actor_params: Any,
+    critic: CriticNet,
+    critic_params: Any,
+    start: Latent,
+    norm: ReturnNorm,
+    rng: jax.Array,
+    *,
+    horizon: int,
+    unimix: float,
+    gamma: float,
+    lam: float,
+    actor_grad: str,
+    actor_entropy: float,
+    norm_rate: float,
+    norm_limit: float,
+    twohot: TwoHot,
+) -> tuple[jax.Array, tuple[Imagined, jax.Array, jax.Array, ReturnNorm, dict[str, jax.Array]]]:
+    """The actor loss (differentiable in ``actor_params``) and, as aux, what the critic needs:
+    (stopped rollout, stopped returns, stopped step weights, the updated normaliser, metrics)."""
+    sg = jax.lax.stop_gradient
+    traj = imagine(wm, wm_params, actor, actor_params, start, rng, horizon, unimix)
+    if actor_grad == "reinforce":
+        traj = sg(traj)
+    reward_logits, cont_logit = wm.apply(wm_params, traj.feat[1:], method=WorldModelNet.reward_and_cont)
+    reward = twohot.decode(reward_logits)
+    cont = jax.nn.sigmoid(cont_logit)
+    value = twohot.decode(critic.apply(critic_params, traj.feat))
+    returns = lambda_returns(reward, cont, value, gamma, lam)  # [H, N]
+    # Weight of step t: the imagined probability that the episode is still running at t.
+    weight = sg(jnp.cumprod(jnp.concatenate([jnp.ones_like(cont[:1]), gamma * cont[:-1]], axis=0), axis=0))
+    norm = norm.update(returns, norm_rate)
+    scale = norm.scale(norm_limit)
+    mean, std = actor.apply(actor_params, sg(traj.feat[:-1]))
+    entropy = action_distribution(mean, std)["entropy"]
+    if actor_grad == "backprop":
+        objective = returns / scale
+    elif actor_grad == "reinforce":
+        advantage = sg((returns - value[:-1]) / scale)
+        objective = gaussian_log_prob(sg(traj.raw_action), mean, std) * advantage
+    else:
+        raise ValueError(f"actor_grad={actor_grad!r}: use 'backprop' or 'reinforce'")
+    loss = -jnp.mean(weight * (objective + actor_entropy * entropy))
+    metrics = {
+        "actor/loss": loss,
+        "actor/entropy": jnp.mean(entropy),
+        "actor/std": jnp.mean(std),
+        "imagination/return": jnp.mean(returns),
+        "imagination/reward": jnp.mean(reward),
+        "imagination/continue": jnp.mean(cont),
+        "imagination/return_scale": scale,
+    }
+    return loss, (sg(traj), sg(returns), weight, norm, jax.tree.map(sg, metrics))
+
+
+def critic_loss(
+    critic: CriticNet,
+    critic_params: Any,
+    slow_params: Any,
+    traj: Imagined,
+    returns: jax.Array,
+    weight: jax.Array,
+    *,
+    slow_reg: float,
+    twohot: TwoHot,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross-entropy of the critic at steps 0..H-1 against the returns and the slow critic."""
+    feat = traj.feat[:-1]
+    logits = critic.apply(critic_params, feat)
+    slow = jax.lax.stop_gradient(twohot.decode(critic.apply(slow_params, feat)))
+    per_step = twohot.loss(logits, returns) + slow_reg * twohot.loss(logits, slow)
+    loss = jnp.mean(weight * per_step)
+    return loss, {"critic/loss": loss, "critic/value": jnp.mean(twohot.decode(logits))}

@@ -1,0 +1,200 @@
+"""Dreamer throughput per size preset: env steps/s, gradient updates/s, and where the time goes.
+
+For each ``--sizes`` preset the script builds the agent on ``--env`` with the benchmark settings
+(``--set FIELD=VALUE`` overrides ``DreamerConfig``), fills the replay past the prefill, then times
+
+* ``iteration``: the whole ``train_step`` (collect ``unroll_length`` steps of the vmapped envs,
+  append to the replay, ``updates_per_iteration`` updates), compiled once, median of
+  ``--repeats`` calls after a warm-up call;
+* ``acting``: the collection alone (``dreamer.collect``: the envs plus the filtered RSSM and the
+  actor at every step);
+* ``world_model``: ``updates_per_iteration`` world-model updates alone (sample, observe, losses,
+  gradient, Adam);
+* ``imagination``: ``updates_per_iteration`` behaviour updates alone (imagine from every
+  posterior latent, returns, actor and critic gradients, Adam, slow critic), on latents of one
+  fixed replayed batch.
+
+Each part is its own compiled program timed the same way; shares are part / iteration, and
+``other`` is what the parts do not explain (replay writes, sampling, the parts' fusion across
+program boundaries), which can be negative when the whole program fuses better than its parts.
+
+    python scripts/bench_dreamer.py                              # car_track, tiny and 1m
+    python scripts/bench_dreamer.py --sizes tiny 1m 12m --repeats 5 --out scripts/results/bench_dreamer/cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import lunarl
+from lunarl._platform import compile_options
+from lunarl.agents import replay as replay_lib
+from lunarl.agents.dreamer import agent as dreamer
+from lunarl.agents.dreamer import behavior
+from lunarl.agents.dreamer.world_model import world_model_loss
+
+
+def bench_config(env: Any, size: str, num_envs: int, sets: list[str]) -> dreamer.DreamerConfig:
+    overrides: dict[str, Any] = dict(num_envs=num_envs, episode_length=env.default_episode_length, size=size,
+                                     prefill=0)  # fmt: skip
+    overrides.update(dreamer.DreamerConfig.parse_overrides(sets))
+    return dreamer.DreamerConfig.build(**overrides)
+
+
+def _time(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of ``fn()`` (blocked until ready) after one warm-up call."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _param_count(tree: Any) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def bench_size(env: Any, cfg: dreamer.DreamerConfig, repeats: int) -> dict[str, Any]:
+    opts = compile_options(env)
+    ts = dreamer.init(jax.random.PRNGKey(0), env, cfg)
+    n = dreamer.nets(env, cfg)
+    updates = cfg.updates_per_iteration
+    t0 = time.perf_counter()
+    step = jax.jit(dreamer.train_step, compiler_options=opts).lower(ts).compile()
+    compile_s = time.perf_counter() - t0
+    # Fill the replay with whole sequences before timing (prefill=0: every call learns).
+    for _ in range(max(1, -(-cfg.seq_len // cfg.unroll_length))):
+        ts, _ = step(ts)
+    state = {"ts": ts}
+
+    def iteration():
+        state["ts"], metrics = step(state["ts"])
+        return metrics
+
+    iteration_s = _time(iteration, repeats)
+    ts = state["ts"]
+
+    collect = jax.jit(dreamer.collect, compiler_options=opts)
+    acting_s = _time(lambda: collect(ts, jax.random.PRNGKey(1)), repeats)
+
+    opt = dreamer._optimizers(cfg)
+    loss_kw = dict(unimix=cfg.unimix, free_nats=cfg.free_nats, dyn_scale=cfg.dyn_scale,
+                   rep_scale=cfg.rep_scale, twohot=n.twohot)  # fmt: skip
+
+    @jax.jit
+    def world_model_updates(params, opt_state, replay, rng):
+        def body(carry, key):
+            params, opt_state = carry
+            k_s, k_l = jax.random.split(key)
+            seq = dreamer.time_major(replay_lib.sample_sequences(replay, k_s, cfg.batch_size, cfg.seq_len))
+            (_, (obs, _)), g = jax.value_and_grad(world_model_loss, argnums=1, has_aux=True)(
+                n.world_model, params, seq, k_l, **loss_kw)
+            u, opt_state = opt["world_model"].update(g, opt_state)
+            return (jax.tree.map(jnp.add, params, u), opt_state), None
+
+        return jax.lax.scan(body, (params, opt_state), jax.random.split(rng, updates))[0]
+
+    wm_args = (ts.params["world_model"], ts.opt_state["world_model"], ts.replay, jax.random.PRNGKey(2))
+    world_model_s = _time(lambda: world_model_updates(*wm_args), repeats)
+
+    seq = dreamer.time_major(replay_lib.sample_sequences(ts.replay, jax.random.PRNGKey(3), cfg.batch_size, cfg.seq_len))
+    _, (observed, _) = jax.jit(lambda p, s: world_model_loss(n.world_model, p, s, jax.random.PRNGKey(4), **loss_kw))(
+        ts.params["world_model"], seq)
+    start = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), observed.latent)
+
+    @jax.jit
+    def behavior_updates(params, opt_state, norm, start, rng):
+        def body(carry, key):
+            params, opt_state, norm = carry
+            grad = jax.value_and_grad(behavior.behavior_losses, argnums=3, has_aux=True)
+            (_, (traj, ret, weight, norm, _)), g = grad(
+                n.world_model, params["world_model"], n.actor, params["actor"], n.critic, params["critic"], start,
+                norm, key, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
+                actor_grad=cfg.actor_grad, actor_entropy=cfg.actor_entropy, norm_rate=cfg.return_norm_rate,
+                norm_limit=cfg.return_norm_limit, twohot=n.twohot)  # fmt: skip
+            u, actor_opt = opt["actor"].update(g, opt_state["actor"])
+            actor = jax.tree.map(jnp.add, params["actor"], u)
+            (_, _), g = jax.value_and_grad(behavior.critic_loss, argnums=1, has_aux=True)(
+                n.critic, params["critic"], params["slow_critic"], traj, ret, weight, slow_reg=cfg.slow_reg,
+                twohot=n.twohot)  # fmt: skip
+            u, critic_opt = opt["critic"].update(g, opt_state["critic"])
+            critic = jax.tree.map(jnp.add, params["critic"], u)
+            slow = jax.tree.map(lambda s, c: s + cfg.slow_critic_rate * (c - s), params["slow_critic"], critic)
+            params = {**params, "actor": actor, "critic": critic, "slow_critic": slow}
+            return (params, {**opt_state, "actor": actor_opt, "critic": critic_opt}, norm), None
+
+        return jax.lax.scan(body, (params, opt_state, norm), jax.random.split(rng, updates))[0]
+
+    b_args = (ts.params, ts.opt_state, ts.return_norm, start, jax.random.PRNGKey(5))
+    imagination_s = _time(lambda: behavior_updates(*b_args), repeats)
+
+    parts = {"acting": acting_s, "world_model": world_model_s, "imagination": imagination_s}
+    return {
+        "size": cfg.size,
+        "dims": dict(vars(cfg.dims)),
+        "params": {k: _param_count(v) for k, v in ts.params.items()},
+        "updates_per_iteration": updates,
+        "env_steps_per_iteration": cfg.env_steps_per_iteration,
+        "compile_s": compile_s,
+        "iteration_s": iteration_s,
+        "env_steps_per_s": cfg.env_steps_per_iteration / iteration_s,
+        "updates_per_s": updates / iteration_s,
+        "part_s": parts,
+        "share": {**{k: v / iteration_s for k, v in parts.items()},
+                  "other": 1.0 - sum(parts.values()) / iteration_s},  # fmt: skip
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="car_track")
+    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "1m"], choices=sorted(dreamer.SIZES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="DreamerConfig override")
+    parser.add_argument("--out", default="bench_results/bench_dreamer.json")
+    args = parser.parse_args()
+
+    env = lunarl.envs.make(args.env)
+    rows = []
+    for size in args.sizes:
+        cfg = bench_config(env, size, args.num_envs, args.set)
+        row = bench_size(env, cfg, args.repeats)
+        rows.append(row)
+        share = "  ".join(f"{k} {v:5.1%}" for k, v in row["share"].items())
+        print(f"{size:>5}: {row['env_steps_per_s']:8.1f} env steps/s  {row['updates_per_s']:7.2f} updates/s  "
+              f"(iteration {row['iteration_s']:.3f}s, compile {row['compile_s']:.0f}s)  {share}", flush=True)  # fmt: skip
+    cfg = bench_config(env, args.sizes[0], args.num_envs, args.set)
+    result = {
+        "env": args.env,
+        "num_envs": args.num_envs,
+        "settings": {k: getattr(cfg, k) for k in ("unroll_length", "train_ratio", "batch_size", "seq_len", "horizon")},
+        "overrides": args.set,
+        "repeats": args.repeats,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+        "host": platform.node(),
+        "lunarl": getattr(lunarl, "__version__", "dev"),
+        "results": rows,
+    }
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""Dreamer (lunarl/agents/dreamer): the world model's arithmetic, its replay rows, that it learns,
+and the agent through the real train / evaluate apps (resume bit-identical, size change refused).
+
+Compiled functions live in module-scoped fixtures and the sizes are tiny, so the default tests
+fit a CPU budget; the learning checks that need minutes are marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from brax.envs.base import Wrapper
+from conftest import run_app
+
+import lunarl
+from lunarl.agents import get as get_agent
+from lunarl.agents import replay as replay_lib
+from lunarl.agents.dreamer import agent as dreamer
+from lunarl.agents.dreamer import behavior
+from lunarl.agents.dreamer.world_model import (
+    TwoHot,
+    WorldModelNet,
+    kl_losses,
+    observe,
+    rollout_prior,
+    sample_stoch,
+    symexp,
+    symlog,
+    unimix_logits,
+    world_model_loss,
+)
+from lunarl.run.restore import restore_run
+
+pytestmark = pytest.mark.timeout(900)
+
+NUM_ENVS = 16
+
+
+class ForwardThrottle(Wrapper):
+    """The car track with throttle mapped to [0, 1]: uniform actions then drive and crash often
+    (about 1% of steps), so the data has terminal rewards to learn, not only a car that idles."""
+
+    def step(self, state, action):
+        return self.env.step(state, action.at[..., 1].set(0.5 + 0.5 * action[..., 1]))
+
+
+@pytest.fixture(scope="module")
+def env():
+    return ForwardThrottle(lunarl.envs.make("car_track"))
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    # Uniform actions throughout (prefill never ends): the data of the world-model tests.
+    return dreamer.DreamerConfig.build(
+        num_envs=NUM_ENVS, episode_length=200, unroll_length=64, batch_size=16, seq_len=16,
+        train_ratio=4.0, buffer_size=NUM_ENVS * 256, prefill=10**9, model_lr=1e-3,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# Arithmetic against NumPy
+# --------------------------------------------------------------------------------------------
+
+
+def _np_log_unimix(logits: np.ndarray, classes: int, mix: float) -> np.ndarray:
+    x = logits.reshape(logits.shape[:-1] + (-1, classes)).astype(np.float64)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.log((1 - mix) * p + mix / classes)
+
+
+def test_kl_balancing_and_free_bits_match_numpy():
+    rng = np.random.default_rng(0)
+    stoch, classes, free = 4, 5, 1.0
+    post_logits = rng.normal(size=(3, 7, stoch * classes)) * np.array([0.1, 3.0, 0.0])[:, None, None]
+    prior_logits = rng.normal(size=(3, 7, stoch * classes))
+    post = unimix_logits(jnp.asarray(post_logits, jnp.float32), classes, 0.01)
+    prior = unimix_logits(jnp.asarray(prior_logits, jnp.float32), classes, 0.01)
+    assert post.shape == (3, 7, stoch, classes)
+    lp, lq = _np_log_unimix(post_logits, classes, 0.01), _np_log_unimix(prior_logits, classes, 0.01)
+    np.testing.assert_allclose(np.exp(np.asarray(post)).sum(-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.exp(np.asarray(post)).min(), np.exp(lp).min(), rtol=1e-4)
+    assert np.exp(lp).min() >= 0.01 / classes - 1e-9  # unimix: no class below 1% / C
+    kl = (np.exp(lp) * (lp - lq)).sum(axis=(-2, -1))
+    dyn, rep, raw = kl_losses(post, prior, free)
+    np.testing.assert_allclose(raw, kl, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(dyn, np.maximum(kl, free), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(rep, np.maximum(kl, free), rtol=1e-4, atol=1e-6)
+    assert (kl < free).any() and (kl > free).any()  # both sides of the free-bits clip are exercised
+
+    # Balancing: dyn moves only the prior, rep only the posterior; below free bits, no gradient.
+    def loss(post_l, prior_l, which):
+        d, r, _ = kl_losses(unimix_logits(post_l, classes, 0.01), unimix_logits(prior_l, classes, 0.01), free)
+        return jnp.sum(d if which == "dyn" else r)
+
+    args = (jnp.asarray(post_logits, jnp.float32), jnp.asarray(prior_logits, jnp.float32))
+    g_post, g_prior = jax.grad(loss, argnums=(0, 1))(*args, "dyn")
+    assert float(jnp.abs(g_post).max()) == 0.0 and float(jnp.abs(g_prior).max()) > 0.0
+    g_post, g_prior = jax.grad(loss, argnums=(0, 1))(*args, "rep")
+    assert float(jnp.abs(g_prior).max()) == 0.0 and float(jnp.abs(g_post).max()) > 0.0
+    clipped = np.asarray(kl < free)
+    np.testing.assert_array_equal(np.abs(np.asarray(g_post)).sum(-1)[clipped], 0.0)
+
+
+def test_two_hot_round_trip_and_symlog():
+    x = jnp.array([0.0, 1e-3, -0.5, 1.0, 3.7, -42.0, 1234.5, -9e4], jnp.float32)
+    np.testing.assert_allclose(symexp(symlog(x)), x, rtol=1e-5)
+    th = TwoHot()
+    w = th.encode(x)
+    assert w.shape == (8, 255)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+    assert int((w > 0).sum(-1).max()) <= 2
+    np.testing.assert_allclose(th.decode_weights(w), x, rtol=1e-4, atol=1e-5)
+    # Logits that put these weights' mass on the bins decode back to the same scalars.
+    np.testing.assert_allclose(th.decode(jnp.log(w + 1e-30)), x, rtol=1e-3, atol=1e-4)
+    # Out of range: clipped to the end bins; a zero-initialised head predicts exactly 0.
+    assert float(th.decode_weights(th.encode(jnp.array(1e30)))) == pytest.approx(float(symexp(20.0)), rel=1e-5)
+    assert float(th.decode(jnp.zeros(255))) == 0.0
+
+
+def test_lambda_returns_match_a_python_loop():
+    rng = np.random.default_rng(1)
+    h, n, gamma, lam = 5, 3, 0.9, 0.8
+    r, c, v = rng.normal(size=(h, n)), rng.uniform(size=(h, n)), rng.normal(size=(h + 1, n))
+    expected = np.zeros((h, n))
+    nxt = v[-1]
+    for t in reversed(range(h)):
+        nxt = r[t] + gamma * c[t] * ((1 - lam) * v[t + 1] + lam * nxt)
+        expected[t] = nxt
+    got = behavior.lambda_returns(*(jnp.asarray(a, jnp.float32) for a in (r, c, v)), gamma, lam)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_straight_through_sample_is_one_hot_with_probability_gradients():
+    log_p = unimix_logits(jnp.array([[2.0, 0.0, -1.0, 0.5, 0.0, 0.0]]), 3, 0.01)
+    s = sample_stoch(jax.random.PRNGKey(0), log_p)
+    assert s.shape == (1, 6)
+    np.testing.assert_array_equal(np.asarray(s).reshape(2, 3).sum(-1), 1.0)
+    assert set(np.unique(np.asarray(s))) <= {0.0, 1.0}
+    g = jax.grad(lambda lp: jnp.sum(sample_stoch(jax.random.PRNGKey(0), lp) * jnp.arange(6.0)))(log_p)
+    assert float(jnp.abs(g).max()) > 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Replay rows from the real collection loop
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def collected(env, cfg):
+    """Random-action data: train replay (wrapped several times) and a held-out replay."""
+    ts = dreamer.init(jax.random.PRNGKey(0), env, cfg)
+    collect = jax.jit(dreamer.collect)
+
+    def fill(ts, rng, times):
+        for i in range(times):
+            env_state, carry, is_first, rows, _ = collect(ts, jax.random.fold_in(rng, i))
+            ts = ts.replace(env_state=env_state, carry=carry, is_first=is_first,
+                            replay=replay_lib.add(ts.replay, rows))  # fmt: skip
+        return ts
+
+    train = fill(ts, jax.random.PRNGKey(1), 6)  # 384 rows into a 256-row buffer: wrapped
+    held_out = fill(dreamer.init(jax.random.PRNGKey(7), env, cfg), jax.random.PRNGKey(8), 2)
+    return train, held_out
+
+
+def test_collected_sequences_are_continuous_or_flagged_first(collected):
+    ts, _ = collected
+    assert int(ts.replay.size) == ts.replay.capacity and int(ts.replay.position) == 384 % 256
+    seq = replay_lib.sample_sequences(ts.replay, jax.random.PRNGKey(3), 512, 16)
+    obs, nxt, first = np.asarray(seq.obs), np.asarray(seq.next_obs), np.asarray(seq.is_first) > 0
+    joined = np.all(obs[:, 1:] == nxt[:, :-1], axis=-1)
+    # Each step continues the previous one's outcome unless it starts an episode (flagged):
+    # a window crossing the write head would join steps 256 env steps apart, unflagged.
+    assert np.all(joined | first[:, 1:])
+    assert first[:, 1:].any() and (~first[:, 1:]).any()
+    # An episode start is flagged exactly where the previous step ended its episode.
+    ended = np.asarray(seq.terminated)[:, :-1] > 0
+    assert np.all(first[:, 1:][ended])
+
+
+def test_is_first_resets_the_latent_in_training_and_acting(env, cfg, collected):
+    ts, _ = collected
+    net = dreamer.nets(env, cfg).world_model
+    params = ts.params["world_model"]
+    seq = dreamer.time_major(replay_lib.sample_sequences(ts.replay, jax.random.PRNGKey(4), 4, 12))
+    k = 6
+    flags = jnp.zeros_like(seq.is_first).at[k].set(1.0)
+    # Two histories that differ only before step k.
+    other = seq.replace(obs=seq.obs.at[:k].add(0.5), next_obs=seq.next_obs.at[:k].add(0.5),
+                        action=seq.action.at[:k].multiply(-1.0))  # fmt: skip
+    run = jax.jit(lambda s: observe(net, params, s, jax.random.PRNGKey(5), cfg.unimix))
+    a, b = run(seq.replace(is_first=flags)), run(other.replace(is_first=flags))
+    np.testing.assert_array_equal(a.latent.deter[k:], b.latent.deter[k:])
+    np.testing.assert_array_equal(a.post[k:], b.post[k:])
+    assert not np.array_equal(a.latent.deter[k - 1], b.latent.deter[k - 1])
+    # Without the flag the histories leak through.
+    no_flag = jnp.zeros_like(flags)
+    c, d = run(seq.replace(is_first=no_flag)), run(other.replace(is_first=no_flag))
+    assert not np.array_equal(c.latent.deter[k], d.latent.deter[k])
+
+    # Acting: a carry is replaced by the reset carry wherever is_first, whatever it held.
+    policy = dreamer.make_policy(env, cfg)
+    obs = seq.obs[0, :2]
+    carry = jax.tree.map(lambda x: x + 3.0, policy.initial_carry(2))
+    act = jax.jit(policy.act, static_argnums=5)
+    pp = dreamer.policy_params(ts)
+    action, new = act(pp, obs, carry, jnp.array([True, False]), jax.random.PRNGKey(0), True)
+    fresh, fresh_carry = act(pp, obs, policy.initial_carry(2), jnp.array([True, True]), jax.random.PRNGKey(0), True)
+    assert action.shape == (2, env.action_size) and float(jnp.abs(action).max()) <= 1.0
+    np.testing.assert_array_equal(new["deter"][0], fresh_carry["deter"][0])
+    assert not np.array_equal(new["deter"][1], fresh_carry["deter"][1])
+    assert new["deter"].shape == (2, cfg.dims.deter) and new["stoch"].shape == (2, cfg.dims.stoch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# The world model learns (on uniform-action car-track data)
+# --------------------------------------------------------------------------------------------
+
+WM_UPDATES = 300
+
+
+@pytest.fixture(scope="module")
+def trained_world_model(env, cfg, collected):
+    ts, _ = collected
+    net = dreamer.nets(env, cfg).world_model
+    opt = optax.chain(optax.clip_by_global_norm(cfg.model_clip), optax.adam(cfg.model_lr))
+    loss_kw = dict(unimix=cfg.unimix, free_nats=cfg.free_nats, dyn_scale=cfg.dyn_scale,
+                   rep_scale=cfg.rep_scale, twohot=TwoHot(cfg.num_bins))  # fmt: skip
+
+    @jax.jit
+    def train(params, replay, rng):
+        def body(carry, key):
+            params, opt_state = carry
+            k_s, k_l = jax.random.split(key)
+            seq = dreamer.time_major(replay_lib.sample_sequences(replay, k_s, cfg.batch_size, cfg.seq_len))
+            (_, (_, m)), g = jax.value_and_grad(world_model_loss, argnums=1, has_aux=True)(
+                net, params, seq, k_l, **loss_kw)
+            updates, opt_state = opt.update(g, opt_state)
+            return (optax.apply_updates(params, updates), opt_state), m
+
+        (params, _), metrics = jax.lax.scan(body, (params, opt.init(params)), jax.random.split(rng, WM_UPDATES))
+        return params, metrics
+
+    params, metrics = train(ts.params["world_model"], ts.replay, jax.random.PRNGKey(2))
+    return params, jax.device_get(metrics)
+
+
+def test_world_model_reconstruction_and_reward_losses_fall(trained_world_model):
+    _, m = trained_world_model
+    first = {k: float(np.mean(v[:10])) for k, v in m.items()}
+    last = {k: float(np.mean(v[-20:])) for k, v in m.items()}
+    assert all(np.isfinite(v).all() for v in m.values())
+    assert last["world_model/reconstruction"] < 0.3 * first["world_model/reconstruction"], (first, last)
+    assert last["world_model/reward"] < 0.5 * first["world_model/reward"], (first, last)
+    assert last["world_model/continue"] < 0.5 * first["world_model/continue"], (first, last)
+    assert last["world_model/loss"] < 0.5 * first["world_model/loss"], (first, last)
+
+
+def test_imagined_rewards_track_real_rewards_on_held_out_sequences(env, cfg, collected, trained_world_model):
+    """Filter 8 real steps, then imagine 8 more open-loop from the prior under the real actions:
+    the imagined rewards beat the best constant (the training mean) on held-out tracks."""
+    train, held_out = collected
+    params, _ = trained_world_model
+    net = dreamer.nets(env, cfg).world_model
+    twohot = TwoHot(cfg.num_bins)
+    context, horizon = 8, 8
+    seq = dreamer.time_major(replay_lib.sample_sequences(held_out.replay, jax.random.PRNGKey(11), 256, context + horizon))
+
+    @jax.jit
+    def imagined_rewards(seq):
+        obs = observe(net, params, jax.tree.map(lambda x: x[:context], seq), jax.random.PRNGKey(12), cfg.unimix)
+        start = jax.tree.map(lambda x: x[-1], obs.latent)
+        latents = rollout_prior(net, params, start, seq.action[context:], jax.random.PRNGKey(13), cfg.unimix)
+        logits, _ = net.apply(params, latents.feat, method=WorldModelNet.reward_and_cont)
+        return twohot.decode(logits)
+
+    pred = np.asarray(imagined_rewards(seq))
+    real = np.asarray(seq.reward[context:])
+    # Compare while the imagined episode is the real one: up to and including its terminal step.
+    starts = np.asarray(seq.is_first[context:]) > 0
+    valid = np.cumsum(starts, axis=0) == 0
+    assert valid.sum() > 500
+    constant = float(np.mean(np.asarray(train.replay.data.reward)))
+    mse_model = float(np.mean((pred - real)[valid] ** 2))
+    mse_const = float(np.mean((constant - real)[valid] ** 2))
+    assert mse_model < 0.5 * mse_const, (mse_model, mse_const)
+
+
+# --------------------------------------------------------------------------------------------
+# The agent through the apps
+# --------------------------------------------------------------------------------------------
+
+# 1 seed x 4 envs x 8 steps per iteration, 2 updates of 4 x 8 steps each once 64 steps are in;
+# chunks of 2 iterations, a checkpoint after each.
+APP = [
+    "agent=dreamer",
+    "env=car_track",
+    "env.num_envs=4",
+    "env.episode_length=40",
+    "agent.unroll_length=8",
+    "agent.batch_size=4",
+    "agent.seq_len=8",
+    "agent.train_ratio=2",
+    "agent.prefill=64",
+    "agent.buffer_size=256",
+    "agent.horizon=5",
+    "run.log_every=2",
+    "run.eval_every=2",
+    "run.eval_episodes=4",
+    "run.checkpoint_every=2",
+    "logger.wandb.mode=disabled",
+    "logger.console=false",
+]
+STEPS_PER_CHUNK = 2 * 4 * 8
+
+
+def _train(app_env, run_dir: Path, chunks: int, *extra: str):
+    return run_app(app_env, "lunarl.train", *APP, f"run.total_env_steps={chunks * STEPS_PER_CHUNK}",
+                   f"run.dir={run_dir}", *extra, cwd=run_dir.parent)  # fmt: skip
+
+
+def _final_state(run_dir: Path):
+    saved = restore_run(str(run_dir / "checkpoints"), "latest")
+    return saved.meta["iteration"], saved.state
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, app_env) -> Path:
+    run_dir = tmp_path_factory.mktemp("dreamer") / "full"
+    proc = _train(app_env, run_dir, 3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def test_agent_is_registered():
+    assert get_agent("dreamer") is dreamer.AGENT
+
+
+def test_dreamer_trains_logs_and_evaluates_through_the_apps(uninterrupted, app_env):
+    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "world_model/loss" in r]
+    assert [r["iteration"] for r in train_rows] == [2, 4, 6]
+    # Prefill (64 env steps) ends after iteration 2: 5 iterations x 2 updates.
+    assert train_rows[-1]["charts/gradient_steps"] == 2 * 5
+    for key in ("world_model/reconstruction", "world_model/reward", "world_model/continue", "world_model/kl",
+                "imagination/return", "actor/entropy", "critic/loss"):
+        assert np.isfinite(train_rows[-1][key]), key
+    assert train_rows[-1]["world_model/loss"] > 0 and train_rows[-1]["actor/entropy"] != 0
+    assert [r["iteration"] for r in rows if "eval/episode_return" in r] == [2, 4, 6]
+
+    proc = run_app(app_env, "lunarl.evaluate", f"run.dir={uninterrupted}", "eval.episodes=4", cwd=uninterrupted)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(Path(proc.stdout.strip().splitlines()[-1].split()[1]).read_text())
+    assert result["agent"] == "dreamer" and result["iteration"] == 6
+    assert np.isfinite(result["eval/episode_return"])
+
+
+def test_dreamer_resumes_bit_identically_with_its_replay(uninterrupted, tmp_path, app_env):
+    run_dir = tmp_path / "resumed"
+    proc = _train(app_env, run_dir, 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    it, half = _final_state(run_dir)
+    assert it == 2 and int(half.replay.size[0]) == 16  # the replay is in the checkpoint
+    proc = _train(app_env, run_dir, 3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from checkpoint at iteration 2" in proc.stdout
+    (it_a, a), (it_b, b) = _final_state(uninterrupted), _final_state(run_dir)
+    assert it_a == it_b == 6
+    assert int(a.replay.size[0]) == 48  # neither lost nor duplicated
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def test_resume_with_another_model_size_is_refused(uninterrupted, tmp_path, app_env):
+    run_dir = tmp_path / "resized"
+    proc = _train(app_env, run_dir, 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _train(app_env, run_dir, 3, "agent.size=1m")
+    assert proc.returncode != 0
+    err = proc.stderr + proc.stdout
+    assert "agent.size: 'tiny' (checkpoint) vs '1m' (now)" in err, err[-3000:]
+    assert "refusing to load it" in err and "Traceback" not in err
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="size"):
+        dreamer.DreamerConfig.build(size="huge")
+    with pytest.raises(ValueError, match="actor_grad"):
+        dreamer.DreamerConfig.build(actor_grad="sgd")
+    with pytest.raises(ValueError, match="train_ratio"):
+        dreamer.DreamerConfig.build(num_envs=1, unroll_length=1, train_ratio=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Learning the task (slow)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_agent_improves_its_return_on_one_fixed_track(env):
+    """One fixed track, 16 envs: the deterministic policy's return rises well above the
+    random policy's after a few thousand env steps."""
+    track = lunarl.envs.make("car_track", track_seed=0)
+    cfg = dreamer.DreamerConfig.build(
+        num_envs=16, episode_length=300, unroll_length=16, train_ratio=32, batch_size=16, seq_len=32,
+        prefill=1024, buffer_size=100_000, model_lr=3e-4, actor_lr=1e-4, critic_lr=1e-4,
+    )  # fmt: skip
+    from lunarl.run.evaluation import rollout
+
+    ts = dreamer.init(jax.random.PRNGKey(0), track, cfg)
+    policy = dreamer.make_policy(track, cfg)
+    evaluate = jax.jit(lambda p, k: rollout(track, policy, p, k, 16, 300)["episode_return"].mean())
+    step = jax.jit(dreamer.train_step, donate_argnums=0)
+    before = float(evaluate(dreamer.policy_params(ts), jax.random.PRNGKey(1)))
+    for _ in range(60):
+        ts, metrics = step(ts)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    after = float(evaluate(dreamer.policy_params(ts), jax.random.PRNGKey(1)))
+    assert after > before + 3.0, (before, after)
