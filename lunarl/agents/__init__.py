@@ -11,7 +11,7 @@ import importlib
 
 from lunarl.agents.base import Agent
 
-_AGENTS: dict[str, str] = {"ppo": "lunarl.agents.ppo", "sac": "lunarl.agents.sac"}
+_AGENTS: dict[str, str] = {"ppo": "lunarl.agents.ppo", "sac": "lunarl.agents.sac", "dreamer": "lunarl.agents.dreamer.agent"}
 
 
 def known() -> list[str]:
