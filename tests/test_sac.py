@@ -220,8 +220,8 @@ def test_same_seed_bit_identical_and_seeds_differ(init_fn, step):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
     c, _ = _train(step, init_fn(jax.random.PRNGKey(8)), 4)
-    assert not np.array_equal(a.params["critic"]["params"]["VmapMLP_0"]["Dense_0"]["kernel"],
-                              c.params["critic"]["params"]["VmapMLP_0"]["Dense_0"]["kernel"])  # fmt: skip
+    assert not np.array_equal(a.params["critic"]["params"]["q1"]["Dense_0"]["kernel"],
+                              c.params["critic"]["params"]["q1"]["Dense_0"]["kernel"])  # fmt: skip
 
 
 def test_vmap_over_two_seeds_equals_two_single_runs(env, cfg, init_fn, step):

@@ -183,22 +183,21 @@ class Actor(nn.Module):
 
 
 class DoubleQ(nn.Module):
-    """Two Q MLPs with stacked parameters: ``(obs, action) -> q[2, ...]``."""
+    """Two Q MLPs: ``(obs, action) -> q[2, ...]``.
+
+    Two separate MLPs rather than one ``nn.vmap``-ed pair: XLA:CPU runs the batched matmuls of
+    a vmapped pair much slower than two plain ones (``scripts/results/sac.md``).
+    """
 
     hidden: tuple[int, ...] = (256, 256)
     activation: str = "relu"
 
     @nn.compact
     def __call__(self, obs: jax.Array, action: jax.Array) -> jax.Array:
-        twin = nn.vmap(
-            MLP,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=None,
-            out_axes=0,
-            axis_size=2,
-        )
-        return twin(self.hidden, 1, self.activation)(jnp.concatenate([obs, action], axis=-1))[..., 0]
+        x = jnp.concatenate([obs, action], axis=-1)
+        q1 = MLP(self.hidden, 1, self.activation, name="q1")(x)
+        q2 = MLP(self.hidden, 1, self.activation, name="q2")(x)
+        return jnp.stack([q1[..., 0], q2[..., 0]])
 
 
 def squashed_gaussian(mean: jax.Array, log_std: jax.Array) -> distrax.Distribution:
@@ -479,15 +478,17 @@ def _sample_batches(ts: TrainState, rng: jax.Array, stats: RunningStats) -> Batc
     return jax.tree.map(lambda x: x.reshape((cfg.updates_per_iteration, cfg.batch_size) + x.shape[1:]), batch)
 
 
-def _learn(ts: TrainState, batches: Batch, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any], dict[str, jax.Array]]:
-    """``updates_per_iteration`` gradient steps: (params, opt_state, metrics averaged over steps)."""
-    cfg = ts.cfg
-    actor_net, critic_net = _actor(ts.env, cfg), _critic(cfg)
+def _learn(
+    env: LunarEnv, cfg: SACConfig, params: dict[str, Any], opt_state: dict[str, Any], batches: Batch, rng: jax.Array
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, jax.Array]]:
+    """``updates_per_iteration`` gradient steps on ``batches`` ([U, B, ...]): (params, opt_state,
+    metrics averaged over the steps)."""
+    actor_net, critic_net = _actor(env, cfg), _critic(cfg)
     adam = _adam(cfg)
-    actor_flat, unravel_actor = ravel_pytree(ts.params["actor"])
-    critic_flat, unravel_critic = ravel_pytree(ts.params["critic"])
-    target_flat, _ = ravel_pytree(ts.params["target_critic"])
-    target_entropy = -float(ts.env.action_size)
+    actor_flat, unravel_actor = ravel_pytree(params["actor"])
+    critic_flat, unravel_critic = ravel_pytree(params["critic"])
+    target_flat, _ = ravel_pytree(params["target_critic"])
+    target_entropy = -float(env.action_size)
 
     def sample_action(actor_params: jax.Array, obs: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
         mean, log_std = actor_net.apply(unravel_actor(actor_params), obs)
@@ -549,7 +550,7 @@ def _learn(ts: TrainState, batches: Batch, rng: jax.Array) -> tuple[dict[str, An
         return (actor_p, critic_p, target_p, log_alpha, opt), metrics
 
     keys = jax.random.split(rng, cfg.updates_per_iteration)
-    carry = (actor_flat, critic_flat, target_flat, ts.params["log_alpha"], ts.opt_state)
+    carry = (actor_flat, critic_flat, target_flat, params["log_alpha"], opt_state)
     (actor_flat, critic_flat, target_flat, log_alpha, opt_state), metrics = jax.lax.scan(
         update, carry, (batches, keys)
     )
@@ -595,18 +596,23 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
         & (ts.replay.size * cfg.num_envs >= cfg.batch_size)
         & replay_lib.can_sample(ts.replay, cfg.n_step)
     )
+    # Sampling is cheap, so it runs either way and only small operands enter the ``cond``: a
+    # TrainState operand would make XLA copy the whole replay into the conditional.
+    batches = _sample_batches(ts, k_sample, obs_stats)
 
-    def learn(ts: TrainState):
-        return _learn(ts, _sample_batches(ts, k_sample, obs_stats), k_learn)
+    def learn(operand):
+        params, opt_state, batches = operand
+        return _learn(ts.env, cfg, params, opt_state, batches, k_learn)
 
-    def skip(ts: TrainState):
+    def skip(operand):
+        params, opt_state, _ = operand
         metrics = {name: jnp.zeros((), jnp.float32) for name in LOSS_METRICS}
-        metrics["losses/alpha"] = jnp.exp(ts.params["log_alpha"])
-        return ts.params, ts.opt_state, metrics
+        metrics["losses/alpha"] = jnp.exp(params["log_alpha"])
+        return params, opt_state, metrics
 
     # Under vmap (several seeds) ``cond`` becomes a select and both branches run; for one seed
     # the warm-up iterations skip the update work.
-    params, opt_state, loss_metrics = jax.lax.cond(ready, learn, skip, ts)
+    params, opt_state, loss_metrics = jax.lax.cond(ready, learn, skip, (ts.params, ts.opt_state, batches))
     ts = ts.replace(
         params=params,
         opt_state=opt_state,
