@@ -3,10 +3,12 @@
 Restores a checkpoint of a training run (env, agent and network shape come from the config saved
 with it), runs ``eval.episodes`` vmapped episodes with the deterministic policy of every seed, and
 prints and saves (``<run.dir>/eval-<which>-<iteration>.json``) the mean and std of the return, the
-success rate and the episode length. ``eval.video=true`` also writes a GIF of one episode.
+success rate and the episode length. ``eval.video=true`` also writes a video of one deterministic
+episode of seed 0's policy to ``<run.dir>/videos/`` (MP4; ``eval.video_format=gif`` for a GIF).
 ``+env.FIELD=VALUE`` evaluates in a variant of the saved env (other reward weights, more rocks),
 as long as the observation and action sizes stay the same.
-Exit codes: 0 done; 1 missing run dir or checkpoint, or a bad override (the message names it).
+Exit codes: 0 done; 1 missing run dir or checkpoint, or a bad override (the message names it);
+4 the checkpoint is damaged (every array is read and checked against the digest saved with it).
 """
 
 from __future__ import annotations
@@ -18,31 +20,14 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from lunarl.run.cli import fail, quiet_libraries
+from lunarl.run.cli import fail, quiet_libraries, release_stderr, run_app
 from lunarl.run.schema import ConfigError, EvalAppSchema, check_bounds, register_schemas
 
 __all__ = ["evaluate_run", "main"]
 
+EXIT_DAMAGED = 4
+
 register_schemas()
-
-
-def _video(env: Any, policy: Any, params: Any, key: Any, episode_length: int, path: Path) -> Path:
-    """Render one deterministic episode of ``params`` (one seed) to a GIF."""
-    import jax
-    import numpy as np
-
-    from lunarl import compile_options
-    from lunarl.envs.render import write_video
-    from lunarl.run.evaluation import rollout
-
-    out = jax.jit(
-        lambda p, k: rollout(env, policy, p, k, 1, episode_length, True, return_states=True),
-        compiler_options=compile_options(env),
-    )(params, key)
-    states = jax.device_get(out["states"])
-    steps = int(np.asarray(out["episode_length"])[0])
-    frames = [env.render(jax.tree.map(lambda x, t=t: x[t], states)) for t in range(steps + 1)]
-    return write_video(frames, path)
 
 
 def _env_variant(env: Any, name: str, overrides: dict[str, Any]) -> Any:
@@ -95,10 +80,14 @@ def evaluate_run(app: EvalAppSchema) -> dict[str, Any]:
     }
     stem = f"eval-{app.checkpoint}-{meta['iteration']}" + "".join(f"-{k}={v}" for k, v in app.env.items())
     if app.eval.video:
+        from lunarl.run.video import VideoRecorder
+
+        if app.eval.video_format not in ("mp4", "gif"):
+            raise ConfigError(f"eval.video_format={app.eval.video_format!r}: allowed mp4, gif")
         seed0 = jax.tree.map(lambda x: x[0], params)
-        policy = agent.make_policy(env, plan.agent_config)
-        path = _video(env, policy, seed0, keys[0], plan.agent_config.episode_length, run_dir / f"{stem}.gif")
-        result["video"] = str(path)
+        name = f"{stem}-step{meta['global_step']:09d}.{app.eval.video_format}"
+        video = VideoRecorder(agent, env, plan.agent_config, app.eval.video_format).record(seed0, keys[0], run_dir / "videos" / name)
+        result["video"] = str(video.path)
     result["saved"] = str(run_dir / f"{stem}.json")
     Path(result["saved"]).write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -106,13 +95,16 @@ def evaluate_run(app: EvalAppSchema) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    release_stderr()  # Hydra composed the config: its errors are behind us
     quiet_libraries()
-    from lunarl.run.checkpoint import CheckpointError
+    from lunarl.run.checkpoint import CheckpointDamaged, CheckpointError
 
     try:
         app: EvalAppSchema = OmegaConf.to_object(cfg)  # type: ignore[assignment]
         check_bounds(app, "")
         result = evaluate_run(app)
+    except CheckpointDamaged as e:
+        fail("lunarl.evaluate", f"{e}; evaluate an older one with checkpoint=ITERATION", EXIT_DAMAGED)
     except (ConfigError, CheckpointError) as e:
         fail("lunarl.evaluate", str(e))
     except Exception as e:  # omegaconf's MissingMandatoryValue for run.dir, and the like
@@ -130,4 +122,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # ``env.FIELD=VALUE`` (or ``+env.FIELD=VALUE``) evaluates in a variant of the saved env.
+    run_app("lunarl.evaluate", main, EvalAppSchema, appended_groups=("env",))

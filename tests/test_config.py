@@ -93,8 +93,12 @@ def test_config_differences_name_the_keys():
     saved = {"env": {"name": "rover", "num_envs": 16}, "agent": {"policy_hidden": [32, 32]}, "seed": 0, "num_seeds": 1, "run": {"dir": "a"}}
     now = {"env": {"name": "car_track", "num_envs": 16}, "agent": {"policy_hidden": [64, 64]}, "seed": 0, "num_seeds": 1, "run": {"dir": "b"}}
     diff = config_differences(saved, now)
-    assert len(diff) == 2 and diff[0].startswith("agent.policy_hidden") and diff[1].startswith("env.name")
+    assert diff[0].startswith("agent.policy_hidden") and any(line.startswith("env.name:") for line in diff)
     assert config_differences(saved, {**saved, "run": {"dir": "elsewhere"}}) == []
+    # A config saved before conf/ listed every field equals one that lists them at their defaults.
+    listed = {**saved, "env": {**saved["env"], "num_rocks": 7}, "agent": {"name": "ppo", "gamma": 0.99}}
+    assert config_differences({**saved, "agent": {"name": "ppo"}}, listed) == []
+    assert config_differences(listed, {**listed, "env": {**listed["env"], "num_rocks": 3}}) == ["env.num_rocks: 7 (checkpoint) vs 3 (now)"]
 
 
 def test_checkpoints_round_trip_zero_size_leaves(tmp_path):
@@ -201,11 +205,12 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     monkeypatch.setitem(lunarl.agents._AGENTS, "nan_ppo", "nan_ppo")
 
     cfg = compose_train(
-        "+experiment=rover_smoke", "env.name=point_goal", "env.num_envs=4", "agent.name=nan_ppo",
+        "+experiment=rover_smoke", "agent.name=nan_ppo",
         "agent.unroll_length=4", "agent.num_minibatches=2", "agent.num_epochs=1", "agent.policy_hidden=[8]",
         "agent.value_hidden=[8]", "run.total_env_steps=320", "run.log_every=5", "run.checkpoint_every=5",
         "run.eval_every=0", "num_seeds=2", f"run.dir={tmp_path}",
     )
+    cfg.env = {"name": "point_goal", "num_envs": 4}  # a test env with no conf/env file
     plan = validate_train(cfg)
     assert plan.total_iterations == 20
     logger = RunLogger(JsonlWriter(tmp_path / "metrics.jsonl"), WandbLogger("disabled", "", None, None, [], "", tmp_path, {}), ConsoleProgress(1, 0, enabled=False))

@@ -95,7 +95,7 @@ class PPOConfig(AgentConfig):
     activation: str = "tanh"
     init_log_std: float = bounded(0.0, -5.0, 2.0, "initial log standard deviation of the policy")
     normalize_observations: bool = True
-    angle_features: bool = True  # also feed the env's angle observations as (cos, sin)
+    angle_features: bool = bounded(True, doc="also feed the env's angle observations (rover heading) as (cos, sin)")
     reward_scaling: float = bounded(1.0, 1e-8, None)
     normalize_advantages: bool = True
 

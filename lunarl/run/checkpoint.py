@@ -6,21 +6,30 @@ Layout under ``checkpoint.dir`` (a local path or ``s3://bucket/prefix``, via eti
     best/<iteration>/{state, config, meta}     the best-by-evaluation save (one)
 
 ``state`` is written with Orbax's StandardSave (array leaves only; nothing is pickled), ``config``
-is the resolved Hydra config and ``meta`` small JSON facts (env steps, evaluation score).
-Restoring needs a target of the same structure: ``jax.eval_shape`` of the agent's ``init``.
+is the resolved Hydra config and ``meta`` small JSON facts (env steps, evaluation score, and the
+SHA-256 of the state's contents). Restoring needs a target of the same structure:
+``jax.eval_shape`` of the agent's ``init``.
+
+Integrity: Orbax notices missing or truncated files but not every damaged byte (a flipped byte
+inside a compressed chunk can decode to other numbers), so every restore recomputes the digest
+of what it read and compares it with the one saved in ``meta``. A checkpoint that cannot be read
+or does not match raises ``CheckpointDamaged`` naming the step and the reason; ``quarantine``
+moves it aside to ``corrupt/<step>`` (never deletes it), so the run can resume from an older one.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["CheckpointError", "Checkpoints", "config_differences"]
+__all__ = ["CheckpointDamaged", "CheckpointError", "Checkpoints", "config_differences", "state_digest"]
 
 # Config keys that must match for a checkpoint to be restored into the current run. Run-length,
 # logging and checkpoint settings may change between sessions (e.g. to extend a run).
@@ -48,6 +57,35 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or does not fit the current run; the message names the path."""
 
 
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint's files cannot be read, or what they hold is not what was written."""
+
+    def __init__(self, which: str, step: int, directory: Any, reason: str):
+        self.which, self.step, self.reason = which, step, reason
+        super().__init__(f"the {which} checkpoint at iteration {step} in {directory} is damaged: {reason}")
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes (host copy), in tree order."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+        value = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _path(path: tuple) -> str:
+    """A leaf's path as ``a.b.0``, the same for a dataclass field and the dict Orbax saved it as."""
+    names = (getattr(k, "name", getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return ".".join(str(n) for n in names)
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return (text.split(". See full TensorStore")[0][:240] or type(err).__name__).rstrip(".")
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, Mapping):
         out: dict[str, Any] = {}
@@ -59,8 +97,34 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
+def _with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` with the env's and agent's config-class defaults filled in for missing fields,
+    so a config saved before a field was listed in ``conf/`` compares equal when it ran with the
+    same values."""
+    import dataclasses
+
+    import lunarl.agents
+    import lunarl.envs
+
+    out = dict(config)
+    for group, lookup in (("env", lunarl.envs.config_class), ("agent", lambda n: lunarl.agents.get(n).config_class)):
+        node = config.get(group)
+        if not isinstance(node, Mapping) or "name" not in node:
+            continue
+        try:
+            cls = lookup(node["name"])
+        except (ValueError, ImportError):
+            continue
+        skip = getattr(cls, "HOST_FIELDS", {})
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in skip}
+        out[group] = {**defaults, **node}
+    return out
+
+
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Lines ``key: saved -> current`` for the keys in ``MUST_MATCH`` that differ."""
+    """Lines ``key: saved -> current`` for the keys in ``MUST_MATCH`` that differ (fields a
+    config does not list count with their default)."""
+    saved, current = _with_defaults(saved), _with_defaults(current)
     a = _flatten({k: saved.get(k) for k in MUST_MATCH})
     b = _flatten({k: current.get(k) for k in MUST_MATCH})
     return [f"{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -95,9 +159,11 @@ class Checkpoints:
         """Save to latest (asynchronously; ``wait`` before reading it back or exiting)."""
         if step in self.latest.all_steps():
             return
+        meta = {**meta, "state_sha256": state_digest(state)}
         self.latest.save(step, args=self._args(state, config, meta), force=True)
 
     def best_score(self) -> float:
+        """The saved best checkpoint's score; raises ``CheckpointDamaged`` if it cannot be read."""
         step = self.best.latest_step()
         if step is None:
             return float("-inf")
@@ -107,8 +173,24 @@ class Checkpoints:
         """Save as the best checkpoint when ``score`` beats the best so far; True when saved."""
         if not score > self.best_score() or step in self.best.all_steps():
             return False
-        self.best.save(step, args=self._args(state, config, {**meta, "score": score}), force=True)
+        meta = {**meta, "score": score, "state_sha256": state_digest(state)}
+        self.best.save(step, args=self._args(state, config, meta), force=True)
         return True
+
+    def quarantine(self, which: str, step: int) -> epath.Path:
+        """Move checkpoint ``which``/``step`` aside to ``corrupt/<step>`` (a free name), never
+        deleting it, so the managers no longer see it. Returns where it went."""
+        self.wait()
+        manager = self.best if which == "best" else self.latest
+        dest_dir = self.directory / "corrupt"
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        name = str(step) if which == "latest" else f"best-{step}"
+        dest, n = dest_dir / name, 1
+        while dest.exists():
+            dest, n = dest_dir / f"{name}.{n}", n + 1
+        (self.directory / which / str(step)).rename(dest)
+        manager.reload()
+        return dest
 
     def wait(self) -> None:
         self.latest.wait_until_finished()
@@ -149,15 +231,43 @@ class Checkpoints:
     def read(self, which: str | int, item: str) -> dict[str, Any]:
         """A JSON item (``config`` or ``meta``) of a checkpoint."""
         manager, step = self._manager_and_step(which)
-        return manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+        try:
+            return manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+        except Exception as e:  # Orbax and TensorStore raise many types for unreadable files
+            raise CheckpointDamaged(self._name(which), step, self.directory, f"its {item} cannot be read ({_first_line(e)})") from None
+
+    def _name(self, which: str | int) -> str:
+        return "best" if which == "best" else "latest"
+
+    def _fits(self, manager: ocp.CheckpointManager, step: int, target: Any) -> str | None:
+        """None when the saved state's leaves have the target's paths and shapes, else why not
+        (None too when its metadata cannot be read: then the arrays decide)."""
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                saved = reader.metadata(manager.directory / str(step) / "state")
+            saved = getattr(saved, "item_metadata", saved)
+            saved_leaves = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
+        except Exception:
+            return None
+        if not saved_leaves:
+            return None
+        wanted = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(_without_empty(target))}
+        if saved_leaves.keys() != wanted.keys():
+            extra, missing = sorted(saved_leaves.keys() - wanted.keys()), sorted(wanted.keys() - saved_leaves.keys())
+            return f"leaves only in the checkpoint: {extra[:3]}; only in the current TrainState: {missing[:3]}"
+        shapes = [f"{k} {saved_leaves[k]} vs {wanted[k]}" for k in wanted if saved_leaves[k] != wanted[k]]
+        return f"shapes differ: {shapes[:3]}" if shapes else None
 
     def restore(self, which: str | int, target: Any, config: Mapping[str, Any] | None = None) -> tuple[Any, dict, dict]:
-        """``(state, config, meta)`` of a checkpoint, restored into the structure of ``target``.
+        """``(state, config, meta)`` of a checkpoint, restored into the structure of ``target``
+        and checked against the digest saved with it.
 
         When ``config`` is given, a checkpoint written with a different env, agent or seeds is
-        refused before any array is read.
+        refused before any array is read (``CheckpointError``). A checkpoint that cannot be read
+        or whose contents do not match raises ``CheckpointDamaged``.
         """
         manager, step = self._manager_and_step(which)
+        name = self._name(which)
         if config is not None:
             saved = self.read(which, "config")
             diff = config_differences(saved, config)
@@ -166,6 +276,14 @@ class Checkpoints:
                     f"the checkpoint in {self.directory} was written by a different run configuration; "
                     f"refusing to load it ({'; '.join(diff)}). Use a new run.dir or the same settings."
                 )
+        misfit = self._fits(manager, step, target)
+        if misfit:
+            # Same config, different structure: the env's or agent's state changed in the code
+            # since the checkpoint was written. Never half-load it.
+            raise CheckpointError(
+                f"the checkpoint at iteration {step} in {self.directory} does not fit the current "
+                f"TrainState (written by another version of the env or agent code?): {misfit}"
+            )
         try:
             out = manager.restore(
                 step,
@@ -175,12 +293,10 @@ class Checkpoints:
                     meta=ocp.args.JsonRestore(),
                 ),
             )
-        except (ValueError, KeyError, TypeError) as e:
-            # Same config, different structure: the env's or agent's state changed in the code
-            # since the checkpoint was written. Never half-load it.
-            first = str(e).split(". ")[0].splitlines()[0][:300]
-            raise CheckpointError(
-                f"the checkpoint at iteration {step} in {self.directory} does not fit the current "
-                f"TrainState (written by another version of the env or agent code?): {first}"
-            ) from e
-        return _with_empty(out["state"], target), out["config"], out["meta"]
+        except Exception as e:  # unreadable, truncated or missing files
+            raise CheckpointDamaged(name, step, self.directory, _first_line(e)) from None
+        state = _with_empty(out["state"], target)
+        expected = out["meta"].get("state_sha256")
+        if expected is not None and state_digest(state) != expected:
+            raise CheckpointDamaged(name, step, self.directory, "its arrays do not match the digest saved with them")
+        return state, out["config"], out["meta"]

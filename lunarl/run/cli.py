@@ -1,17 +1,31 @@
-"""What the command-line apps share: one-line errors and a quiet console."""
+"""What the command-line apps share: one-line errors, a quiet console, and Hydra's own errors
+(bad overrides, missing config groups) turned into one line naming the key.
+
+Hydra composes the config before lunarl's code runs and reports composition errors itself, in
+several lines with a hint about ``HYDRA_FULL_ERROR``. ``run_app`` holds stderr back until the
+task function starts (``release_stderr``); if Hydra exits before that, what it wrote becomes one
+``app: error: ...`` line, and an unknown ``env.*`` / ``agent.*`` / other key gets a
+"did you mean" from the config classes and schemas.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import io
 import logging
+import re
 import sys
-from typing import NoReturn
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn
 
-__all__ = ["fail", "quiet_libraries"]
+__all__ = ["fail", "known_keys", "normalize_overrides", "quiet_libraries", "release_stderr", "run_app"]
 
 
 def fail(app: str, message: str, code: int = 1) -> NoReturn:
     """Print ``app: error: message`` on stderr (one line, no traceback) and exit with ``code``."""
-    print(f"{app}: error: {message}", file=sys.stderr, flush=True)
+    release_stderr()
+    print(f"{app}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -21,3 +35,176 @@ def quiet_libraries() -> None:
     for name in ("absl", "orbax"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+
+
+# --------------------------------------------------------------------------------------------
+# Keys: every field of the env and agent config classes, and the app schemas
+# --------------------------------------------------------------------------------------------
+
+
+def _schema_keys(node: Any, prefix: str) -> set[str]:
+    keys = set()
+    for f in dataclasses.fields(node):
+        key = f"{prefix}{f.name}"
+        keys.add(key)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            keys |= _schema_keys(default, key + ".")
+    return keys
+
+
+def known_keys(schema: type) -> set[str]:
+    """Every key a user may set: the schema's, and ``env.*`` / ``agent.*`` fields of every
+    registered env and agent config class."""
+    import lunarl.agents
+    import lunarl.envs
+    from lunarl.run.schema import ENV_RUN_KEYS
+
+    keys = _schema_keys(schema, "")
+    keys |= {f"env.{k}" for k in ENV_RUN_KEYS}
+    for name in lunarl.envs.registered():
+        keys |= {f"env.{f.name}" for f in dataclasses.fields(lunarl.envs.config_class(name))}
+    for name in lunarl.agents.known():
+        try:
+            cls = lunarl.agents.get(name).config_class
+        except ValueError:
+            continue
+        keys |= {"agent.name"} | {f"agent.{f.name}" for f in dataclasses.fields(cls) if f.name not in cls.HOST_FIELDS}
+    return keys
+
+
+def normalize_overrides(argv: Iterable[str], listed: set[str], appended_groups: tuple[str, ...] = ()) -> list[str]:
+    """``+env.num_rocks=3`` -> ``env.num_rocks=3`` where the key is listed in ``conf/`` (Hydra
+    refuses to append a key that exists), and ``env.FIELD=...`` -> ``+env.FIELD=...`` for
+    ``appended_groups`` whose node starts empty (the evaluate app's ``env`` variant)."""
+    out = []
+    for arg in argv:
+        key = arg.split("=", 1)[0]
+        if arg.startswith("+") and not arg.startswith("++") and key[1:] in listed:
+            arg = arg[1:]
+        elif "=" in arg and not arg.startswith(("+", "-", "~")) and key.split(".")[0] in appended_groups and "." in key:
+            arg = "+" + arg
+        out.append(arg)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Hydra's errors as one line
+# --------------------------------------------------------------------------------------------
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+# TensorStore's threads call back into asyncio loops that Orbax has already closed, e.g. after
+# a read of a damaged checkpoint failed; each prints a traceback ending in this line. They are
+# harmless and say nothing a user can act on.
+_NOISE = "RuntimeError: Event loop is closed"
+
+
+class _HeldStream(io.TextIOBase):
+    """Buffers writes until ``release``, then writes through to the real stream (handlers that
+    captured this object while it was held keep working), dropping only tracebacks that end in
+    ``_NOISE``."""
+
+    def __init__(self, real: Any):
+        self.real = real
+        self.held: list[str] | None = []
+        self.block: list[str] | None = None  # a traceback being collected
+        self.partial = ""
+
+    def write(self, text: str) -> int:
+        if self.held is not None:
+            self.held.append(text)
+            return len(text)
+        for line in (self.partial + text).splitlines(keepends=True):
+            if not line.endswith("\n"):
+                if self.block is None and not _TRACEBACK.startswith(line):
+                    self.real.write(line)
+                    self.partial = ""
+                else:
+                    self.partial = line
+                continue
+            self.partial = ""
+            self._line(line)
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        if self.block is None:
+            if line.startswith(_TRACEBACK):
+                self.block = [line]
+            else:
+                self.real.write(line)
+            return
+        self.block.append(line)
+        if not line[:1].isspace():  # the exception line closes the traceback
+            if line.strip() != _NOISE:
+                self.real.write("".join(self.block))
+            self.block = None
+
+    def flush(self) -> None:
+        if self.held is None:
+            self.real.flush()
+
+    def release(self) -> str:
+        text = "".join(self.held or [])
+        self.held = None
+        return text
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def isatty(self) -> bool:
+        return self.real.isatty()
+
+
+_held: _HeldStream | None = None
+
+
+def release_stderr() -> None:
+    """Let stderr through again, writing what was held (call first thing in a task function)."""
+    global _held
+    if _held is not None and _held.held is not None:
+        text = _held.release()
+        if text:
+            _held.real.write(text)
+            _held.real.flush()
+
+
+def one_line_hydra_error(text: str, keys: set[str]) -> str:
+    """Hydra's multi-line error as one line; an unknown key gets a suggestion from ``keys``."""
+    missing = re.search(r"Key '([^']+)' is not in struct\s+full_key: (\S+)", text)
+    if missing is None:
+        missing = re.search(r"Could not override '([^']+)'", text)
+        full_key = missing.group(1) if missing and "No match in the defaults list" not in text else None
+    else:
+        full_key = missing.group(2)
+    if full_key and full_key not in keys:
+        group = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
+        candidates = sorted(k for k in keys if k.startswith(group))
+        close = difflib.get_close_matches(full_key, candidates, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else (f"; known keys under {group[:-1]}: see --cfg job" if group else "")
+        return f"unknown key {full_key}{hint}"
+    group = re.search(r"Could not find '([^']+)'\s+Available options in '[^']+':\s*(.*?)\s*Config search path", text, re.S)
+    if group:
+        options = ", ".join(group.group(2).split())
+        return f"no config {group.group(1)}; available: {options}"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and "HYDRA_FULL_ERROR" not in line]
+    return "; ".join(lines) or "Hydra could not compose the config"
+
+
+def run_app(app: str, hydra_main: Callable[[], Any], schema: type, appended_groups: tuple[str, ...] = ()) -> None:
+    """Run a ``@hydra.main`` function with lunarl's argument handling and one-line errors."""
+    global _held
+    keys = known_keys(schema)
+    sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:], keys, appended_groups)]
+    # Stays sys.stderr for the life of the process (its noise filter matters at exit too).
+    _held = _HeldStream(sys.stderr)
+    real, sys.stderr = sys.stderr, _held
+    try:
+        hydra_main()
+    except SystemExit as e:
+        if _held.held is not None and e.code not in (0, None):
+            text = _held.release()
+            print(f"{app}: error: {one_line_hydra_error(text, keys)}", file=real, flush=True)
+        raise
+    finally:
+        release_stderr()

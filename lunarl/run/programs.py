@@ -17,7 +17,7 @@ from lunarl._platform import compile_options
 from lunarl.agents.base import Agent
 from lunarl.run.placement import Placement
 
-__all__ = ["abstract_state", "init_state", "make_chunk", "seed_keys"]
+__all__ = ["abstract_state", "init_state", "make_chunk", "seed_keys", "state_shapes"]
 
 
 def seed_keys(seed: int, num_seeds: int) -> jax.Array:
@@ -25,13 +25,14 @@ def seed_keys(seed: int, num_seeds: int) -> jax.Array:
     return jax.random.split(jax.random.PRNGKey(seed), num_seeds)
 
 
-def _init_shapes(agent: Agent, env: Any, cfg: Any, num_seeds: int) -> Any:
+def state_shapes(agent: Agent, env: Any, cfg: Any, num_seeds: int) -> Any:
+    """``ShapeDtypeStruct``s of the seed-stacked TrainState (traced, nothing computed)."""
     return jax.eval_shape(jax.vmap(lambda k: agent.init(k, env, cfg)), seed_keys(0, num_seeds))
 
 
 def init_state(agent: Agent, env: Any, cfg: Any, keys: jax.Array, placement: Placement) -> Any:
     """The seeds' TrainStates, stacked on a leading seed axis, placed by ``placement``."""
-    shardings = placement.state_shardings(agent, _init_shapes(agent, env, cfg, keys.shape[0]))
+    shardings = placement.state_shardings(agent, state_shapes(agent, env, cfg, keys.shape[0]))
     init = jax.jit(
         jax.vmap(lambda k: agent.init(k, env, cfg)),
         out_shardings=shardings,
@@ -43,7 +44,7 @@ def init_state(agent: Agent, env: Any, cfg: Any, keys: jax.Array, placement: Pla
 def abstract_state(agent: Agent, env: Any, cfg: Any, num_seeds: int, placement: Placement) -> Any:
     """Shapes, dtypes and shardings of ``init_state`` without computing it: the Orbax restore
     target (explicit shardings, so a checkpoint written on other devices restores here)."""
-    shapes = _init_shapes(agent, env, cfg, num_seeds)
+    shapes = state_shapes(agent, env, cfg, num_seeds)
     shardings = placement.state_shardings(agent, shapes)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 

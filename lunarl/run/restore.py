@@ -18,7 +18,7 @@ from lunarl.envs.base import LunarEnv
 from lunarl.run.checkpoint import Checkpoints
 from lunarl.run.placement import Placement
 from lunarl.run.programs import abstract_state
-from lunarl.run.schema import Plan, validate_train
+from lunarl.run.schema import ConfigError, Plan, validate_train
 
 __all__ = ["SavedRun", "checkpoint_dir_of", "restore_run"]
 
@@ -37,9 +37,15 @@ def checkpoint_dir_of(run_dir: Path) -> str:
     """Where a run wrote its checkpoints: ``checkpoint.dir`` of its resolved ``config.yaml``
     (which may be ``s3://...``), else ``RUN_DIR/checkpoints``."""
     resolved = Path(run_dir) / "config.yaml"
-    if resolved.exists():
-        return str(OmegaConf.load(resolved).checkpoint.dir)
-    return str(Path(run_dir) / "checkpoints")
+    if not resolved.exists():
+        return str(Path(run_dir) / "checkpoints")
+    try:
+        directory = OmegaConf.select(OmegaConf.load(resolved), "checkpoint.dir")
+    except Exception:
+        directory = None
+    if not isinstance(directory, str):
+        raise ConfigError(f"{resolved} is not a lunarl train config (it has no checkpoint.dir); pass checkpoint_dir=PATH")
+    return directory
 
 
 def restore_run(checkpoint_dir: str, which: str | int = "latest") -> SavedRun:

@@ -1,0 +1,80 @@
+"""Checks before a training run starts anything (wandb, compiles): the places it writes to.
+
+Each failure is a ``ConfigError`` with one line naming the key or path: the run dir and the
+checkpoint dir must be creatable and writable (a probe file is written and removed), the
+checkpoint dir's disk must have room for two checkpoints of this run's state (its size read from
+the abstract state; Orbax compresses, so this errs on the safe side), and a ``config.yaml``
+already in the run dir must be a lunarl train config (never overwrite someone else's file).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+from omegaconf import OmegaConf
+
+from lunarl.run.schema import ConfigError, Plan
+
+__all__ = ["preflight", "state_bytes"]
+
+_PROBE = ".lunarl-write-probe"
+
+
+def state_bytes(shapes: Any) -> int:
+    """Bytes of a pytree of ``ShapeDtypeStruct``s (or arrays)."""
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+
+def _writable_dir(path: Path, key: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / _PROBE
+        probe.write_text("lunarl checks that it can write here\n")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{key}={path} is not a writable directory: {e.strerror or e}") from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _check_existing_config(run_dir: Path) -> None:
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as e:
+        raise ConfigError(f"run.dir={run_dir} holds a config.yaml that is not YAML ({' '.join(str(e).split())[:120]}); use another run.dir") from None
+    if not isinstance(saved, dict) or not {"env", "agent", "run", "checkpoint"} <= saved.keys():
+        raise ConfigError(f"run.dir={run_dir} holds a config.yaml that is not a lunarl train config; use another run.dir")
+
+
+def preflight(plan: Plan, run_dir: Path, state_size: int) -> None:
+    """Raise ``ConfigError`` unless the run can write its run dir and its checkpoints.
+
+    ``state_size``: bytes of the seed-stacked TrainState (``state_bytes(state_shapes(...))``).
+    """
+    _check_existing_config(run_dir)
+    _writable_dir(run_dir, "run.dir")
+    ckpt = plan.cfg.checkpoint.dir
+    if "://" in ckpt:  # remote storage is checked by its own client when it is first used
+        return
+    ckpt_dir = Path(ckpt)
+    _writable_dir(ckpt_dir, "checkpoint.dir")
+    free = shutil.disk_usage(ckpt_dir).free
+    needed = 2 * state_size
+    if free < needed:
+        raise ConfigError(
+            f"checkpoint.dir={ckpt_dir} has {_human(free)} free; two checkpoints of this run's state "
+            f"need up to {_human(needed)} (lower env.num_envs or the agent's buffer sizes, or free space)"
+        )
