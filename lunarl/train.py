@@ -61,7 +61,7 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
     import jax
 
     from lunarl.run.checkpoint import CheckpointError
-    from lunarl.run.logger import ConsoleProgress, JsonlWriter, RunLogger, WandbLogger
+    from lunarl.run.logger import ConsoleProgress, JsonlWriter, RunLogger, TensorBoardLogger, WandbLogger
     from lunarl.run.loop import TrainingDiverged, train
 
     wb = plan.cfg.logger.wandb
@@ -71,6 +71,7 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
         ConsoleProgress(
             plan.total_iterations * plan.steps_per_iteration, 0, plan.cfg.logger.console, plan.cfg.num_seeds
         ),
+        TensorBoardLogger(run_dir / "tensorboard") if plan.cfg.logger.tensorboard else None,
     )
     logger.print(f"lunarl.train on {jax.default_backend()} ({jax.device_count()} device(s)), run dir {run_dir}")
     code = 0

@@ -4,6 +4,7 @@ All three receive the same flat dict of floats against ``global_step`` (env step
 The console shows a ``rich`` progress bar on a terminal and one plain line per chunk otherwise
 (SLURM logs, CI, tests). wandb is imported only when its mode is not ``disabled``; ``offline`` (the
 default) writes under ``<run.dir>/wandb`` and needs no account (``wandb sync`` uploads later).
+With ``logger.tensorboard=true`` the same rows also go to TensorBoard event files.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lunarl.agents.base import EPISODE_RETURN, SUCCESS_RATE
 
-__all__ = ["ConsoleProgress", "JsonlWriter", "RunLogger", "WandbLogger"]
+__all__ = ["ConsoleProgress", "JsonlWriter", "RunLogger", "TensorBoardLogger", "WandbLogger"]
 
 
 class JsonlWriter:
@@ -82,10 +83,52 @@ class WandbLogger:
         if self.run is not None:
             self.run.log(dict(row))
 
+    def log_video(self, key: str, path: Path, global_step: int) -> None:
+        """Log a video file (MP4 or GIF) as ``wandb.Video``; from a file wandb needs no moviepy."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Video(str(path), format=path.suffix.lstrip(".")), "global_step": global_step})
+
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+class TensorBoardLogger:
+    """Event files in ``<run.dir>/tensorboard`` (``tensorboard --logdir runs``), written with
+    ``tensorboardX``: every numeric value of a row under its metrics.jsonl name, at ``global_step``.
+
+    The writer opens on the first row, so a resumed run can first say where it restarts
+    (``purge_after``): TensorBoard then hides the events that a crashed run logged past its
+    checkpoint, as ``metrics.jsonl`` drops those rows.
+    """
+
+    SKIP = ("global_step", "time", "iteration")  # the x axes; TensorBoard records wall time itself
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.writer: Any = None
+        self.purge_step: int | None = None
+
+    def purge_after(self, global_step: int) -> None:
+        self.purge_step = global_step + 1
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step, flush_secs=10)
+        step = int(row["global_step"])
+        for key, value in row.items():
+            if key not in self.SKIP and isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(key, float(value), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 class ConsoleProgress:
@@ -152,22 +195,36 @@ class ConsoleProgress:
 class RunLogger:
     """The three sinks together; ``log`` sends one row to all of them."""
 
-    def __init__(self, jsonl: JsonlWriter, wandb_logger: WandbLogger, console: ConsoleProgress):
+    def __init__(
+        self,
+        jsonl: JsonlWriter,
+        wandb_logger: WandbLogger,
+        console: ConsoleProgress,
+        tensorboard: TensorBoardLogger | None = None,
+    ):
         self.jsonl = jsonl
         self.wandb = wandb_logger
         self.console = console
+        self.tensorboard = tensorboard
         self.started = time.time()
 
     def log(self, row: Mapping[str, Any], progress: bool = True) -> None:
         row = {"time": round(time.time() - self.started, 3), **row}
         self.jsonl.write(row)
         self.wandb.log(row)
+        if self.tensorboard is not None:
+            self.tensorboard.log(row)
         if progress:
             self.console.update(row)
 
     def print(self, message: str) -> None:
         self.console.print(message)
 
+    def log_video(self, key: str, path: Path, global_step: int) -> None:
+        self.wandb.log_video(key, path, global_step)
+
     def close(self, exit_code: int = 0) -> None:
         self.console.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self.wandb.finish(exit_code)

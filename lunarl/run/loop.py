@@ -28,6 +28,7 @@ from lunarl.run.placement import Placement
 from lunarl.run.programs import abstract_state, init_state, make_chunk, seed_keys
 from lunarl.run.schema import Plan
 from lunarl.run.signals import GracefulStop
+from lunarl.run.video import VideoRecorder, video_name
 
 __all__ = ["TrainResult", "TrainingDiverged", "train"]
 
@@ -55,6 +56,8 @@ class _Run:
     ckpts: Checkpoints
     logger: RunLogger
     config: Mapping[str, Any]
+    run_dir: Path | None = None
+    videos: VideoRecorder | None = None  # when run.video_every > 0
 
     def meta(self, iteration: int) -> dict[str, Any]:
         return {"iteration": iteration, "global_step": iteration * self.plan.steps_per_iteration}
@@ -66,7 +69,8 @@ def train(plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogge
     cfg, total, every = plan.cfg, plan.total_iterations, plan.cfg.run.log_every
     env, agent = plan.env_and_agent()
     ckpts = Checkpoints(cfg.checkpoint.dir, cfg.checkpoint.max_to_keep)
-    run = _Run(plan, env, agent, Placement.for_seeds(cfg.num_seeds), ckpts, logger, config)
+    videos = VideoRecorder(agent, env, plan.agent_config, cfg.run.video_format) if cfg.run.video_every else None
+    run = _Run(plan, env, agent, Placement.for_seeds(cfg.num_seeds), ckpts, logger, config, run_dir, videos)
     try:
         ts, iteration = _resume_or_init(run)
         # Only now (a refused resume must not touch it): the config as it runs, resolved.
@@ -113,6 +117,23 @@ def train(plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogge
         ckpts.close()
 
 
+def _record_video(run: _Run, ts: Any, iteration: int) -> None:
+    """One deterministic episode of seed 0's policy to ``<run.dir>/videos/``, logged to wandb.
+
+    Drawn on the host after the evaluation (the training chunk is untouched); its cost is logged
+    as ``perf/video_seconds`` and printed, split into rollout, drawing and encoding.
+    """
+    assert run.videos is not None and run.run_dir is not None
+    meta = run.meta(iteration)
+    params = jax.tree.map(lambda x: x[0], jax.vmap(run.agent.policy_params)(ts))
+    key = eval_keys(run.plan.cfg.seed, iteration, run.plan.cfg.num_seeds)[0]
+    path = run.run_dir / "videos" / video_name(meta["global_step"], run.videos.fmt)
+    video = run.videos.record(params, key, path)
+    run.logger.log_video("eval/video", video.path, meta["global_step"])
+    run.logger.log({**meta, "perf/video_seconds": video.seconds}, progress=False)
+    run.logger.print(f"video @ {meta['global_step']:,} steps: {video.describe()}")
+
+
 def _resume_or_init(run: _Run) -> tuple[Any, int]:
     """The latest checkpoint's state and iteration, or a fresh state at iteration 0."""
     plan, num_seeds = run.plan, run.plan.cfg.num_seeds
@@ -123,6 +144,8 @@ def _resume_or_init(run: _Run) -> tuple[Any, int]:
     target = abstract_state(run.agent, run.env, plan.agent_config, num_seeds, run.placement)
     ts, _, meta = run.ckpts.restore("latest", target, config=run.config)
     dropped = run.logger.jsonl.drop_after(start)
+    if run.logger.tensorboard is not None:
+        run.logger.tensorboard.purge_after(meta["global_step"])
     run.logger.print(
         f"resuming from checkpoint at iteration {start} (env step {meta['global_step']:,}) "
         f"in {run.ckpts.directory}" + (f"; dropped {dropped} metric rows logged after it" if dropped else "")
@@ -173,5 +196,7 @@ def _evaluate(run: _Run, evaluate: Any, ts: Any, iteration: int) -> None:
         f"± {row['eval/episode_return_std']:.2f}, success {row['eval/success_rate']:.0%}, "
         f"length {row['eval/episode_length']:.0f}"
     )
+    if run.videos is not None and (iteration % cfg.run.video_every == 0 or iteration >= run.plan.total_iterations):
+        _record_video(run, ts, iteration)
     if cfg.checkpoint.keep_best:
         run.ckpts.save_best(iteration, ts, run.config, meta, row["eval/episode_return"])

@@ -56,6 +56,11 @@ class RunSchema:
     eval_every: int = bounded(50, 0)
     eval_episodes: int = bounded(32, 1)
     checkpoint_every: int = bounded(50, 1)
+    # Record a video of one deterministic episode (seed 0's policy) at every evaluation whose
+    # iteration this divides, and at the last one, into <run.dir>/videos/; 0 = no videos.
+    # A multiple of eval_every. Drawn on the host after the evaluation, never in the chunk.
+    video_every: int = bounded(0, 0)
+    video_format: str = "mp4"  # mp4 (H.264) | gif
 
 
 @dataclass
@@ -80,6 +85,8 @@ class LoggerSchema:
     wandb: WandbSchema = field(default_factory=WandbSchema)
     # rich progress bar when stdout is a terminal, one plain line per chunk otherwise.
     console: bool = True
+    # TensorBoard event files in <run.dir>/tensorboard, same metric names as metrics.jsonl.
+    tensorboard: bool = False
 
 
 @dataclass
@@ -98,6 +105,7 @@ class TrainSchema:
 class EvalSchema:
     episodes: int = bounded(100, 1)
     video: bool = False
+    video_format: str = "mp4"  # mp4 (H.264) | gif
     deterministic: bool = True
     seed: int = 0
 
@@ -181,6 +189,21 @@ def _user_message(err: Exception, node: str) -> str:
     return f"{node}: {msg}"
 
 
+def _check_video(run: RunSchema) -> None:
+    """Videos are recorded at evaluations, so ``run.video_every`` is a multiple of ``eval_every``."""
+    if run.video_format not in ("mp4", "gif"):
+        raise ConfigError(f"run.video_format={run.video_format!r}: allowed mp4, gif")
+    if not run.video_every:
+        return
+    if not run.eval_every:
+        raise ConfigError(f"run.video_every={run.video_every} needs run.eval_every > 0 (videos are recorded at evaluations)")
+    if run.video_every % run.eval_every:
+        raise ConfigError(
+            f"run.video_every={run.video_every} must be a multiple of run.eval_every={run.eval_every} "
+            "(videos are recorded at evaluations)"
+        )
+
+
 def validate_train(cfg: DictConfig) -> Plan:
     """Check the composed train config and build the env and agent configs from it.
 
@@ -198,6 +221,7 @@ def validate_train(cfg: DictConfig) -> Plan:
             f"logger.wandb.mode={schema.logger.wandb.mode!r}: allowed offline, online, disabled"
         )
     run = schema.run
+    _check_video(run)
     for key in ("eval_every", "checkpoint_every"):
         every = getattr(run, key)
         if every % run.log_every:
