@@ -14,7 +14,7 @@ For each ``--sizes`` preset the script builds the agent on ``--env`` with the be
   posterior latent, returns, actor and critic gradients, Adam, slow critic), on latents of one
   fixed replayed batch.
 
-Each part is its own compiled program timed the same way; shares are part / iteration, and
+Each part is its own compiled program, with the iteration's compiler options, timed the same way; shares are part / iteration, and
 ``other`` is what the parts do not explain (replay writes, sampling, the parts' fusion across
 program boundaries), which can be negative when the whole program fuses better than its parts.
 
@@ -25,6 +25,7 @@ program boundaries), which can be negative when the whole program fuses better t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import platform
@@ -93,7 +94,7 @@ def bench_size(env: Any, cfg: dreamer.DreamerConfig, repeats: int) -> dict[str, 
     loss_kw = dict(unimix=cfg.unimix, free_nats=cfg.free_nats, dyn_scale=cfg.dyn_scale,
                    rep_scale=cfg.rep_scale, twohot=n.twohot)  # fmt: skip
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=opts)
     def world_model_updates(params, opt_state, replay, rng):
         def body(carry, key):
             params, opt_state = carry
@@ -114,7 +115,7 @@ def bench_size(env: Any, cfg: dreamer.DreamerConfig, repeats: int) -> dict[str, 
         ts.params["world_model"], seq)
     start = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), observed.latent)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=opts)
     def behavior_updates(params, opt_state, norm, start, rng):
         def body(carry, key):
             params, opt_state, norm = carry

@@ -22,8 +22,8 @@ of still being in the episode (``prod gamma c``, stopped).
   advantage ``(R_t - v_t) / scale``. **Default: ``backprop``**, the choice the DreamerV3 code of
   2023 made for continuous actions: the returns are a differentiable function of the actions
   through the model, so the gradient has far lower variance than the score function, which
-  matters most with the small batches a CPU affords (scripts/results/dreamer.md has the
-  measured comparison on the car track).
+  matters most with the small batches a CPU affords. The head-to-head on the car track that the
+  issue asks for is not measured yet (scripts/results/dreamer.md says what was run).
 """
 
 from __future__ import annotations
