@@ -7,7 +7,9 @@ the same ``run.dir`` resumes from its latest checkpoint. Sweeps: ``-m seed=0,1,2
 
 Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint (run again to
 resume); 1 a bad config, override or checkpoint (one-line message naming the key or path);
-3 training diverged (NaN/inf; the last good checkpoint is kept).
+3 training diverged (NaN/inf; the last good checkpoint is kept); 4 every checkpoint of the run is
+damaged (the run dir is left as it was). A damaged latest checkpoint with an intact older one is
+moved aside to ``checkpoints/corrupt/`` and the run resumes from the older one.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lunarl.run.cli import fail, quiet_libraries
-from lunarl.run.schema import ConfigError, register_schemas, validate_train
+from lunarl.run.cli import fail, quiet_libraries, release_stderr, run_app
+from lunarl.run.schema import ConfigError, TrainSchema, register_schemas, validate_train
 
 __all__ = ["main"]
 
 EXIT_CONFIG_ERROR = 1
 EXIT_DIVERGED = 3
+EXIT_NO_INTACT_CHECKPOINT = 4
 
 register_schemas()
 
@@ -56,13 +59,22 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
         _remove_if_empty_run(run_dir)
         fail("lunarl.train", str(e), EXIT_CONFIG_ERROR)
     config = OmegaConf.to_container(cfg, resolve=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     import jax
 
     from lunarl.run.checkpoint import CheckpointError
+    from lunarl.run.preflight import preflight, state_bytes
+    from lunarl.run.programs import state_shapes
+
+    env, agent = plan.env_and_agent()
+    size = state_bytes(state_shapes(agent, env, plan.agent_config, plan.cfg.num_seeds))
+    try:
+        preflight(plan, run_dir, size)
+    except ConfigError as e:
+        _remove_if_empty_run(run_dir)
+        fail("lunarl.train", str(e), EXIT_CONFIG_ERROR)
     from lunarl.run.logger import ConsoleProgress, JsonlWriter, RunLogger, TensorBoardLogger, WandbLogger
-    from lunarl.run.loop import TrainingDiverged, train
+    from lunarl.run.loop import NoIntactCheckpoint, TrainingDiverged, train
 
     wb = plan.cfg.logger.wandb
     logger = RunLogger(
@@ -77,6 +89,10 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
     code = 0
     try:
         train(plan, run_dir, config, logger)
+    except NoIntactCheckpoint as e:
+        code = EXIT_NO_INTACT_CHECKPOINT
+        logger.close(code)
+        fail("lunarl.train", str(e), code)
     except CheckpointError as e:
         code = EXIT_CONFIG_ERROR
         logger.close(code)
@@ -91,6 +107,7 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    release_stderr()  # Hydra composed the config: its errors are behind us
     quiet_libraries()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -99,4 +116,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app("lunarl.train", main, TrainSchema, protect_run_dir=True)

@@ -15,7 +15,7 @@ chunk includes compilation, so
 measured the same way for both (for Brax from its own per-epoch ``training/walltime`` reported
 through ``progress_fn``; its evals are off). On a shared machine wall time is noisy, so the JSON
 also has steps per second of process CPU time (``*_sps_cpu``, ``ratio_cpu``). Returns are from the
-same deterministic ``lunarl.run.evaluation.evaluate`` on the final parameters of each. The pair
+same deterministic ``lunarl.run.evaluation.rollout`` on the final parameters of each. The pair
 runs ``--repeats`` times, alternating, and the headline numbers are medians (the ratio is the
 median of the per-pair ratios). Both trainers compile with the same XLA flags (see
 ``lunarl._platform.set_process_fusion_emitters``). Then lunarl alone with 1, 8, 64 seeds vmapped in one program.

@@ -20,6 +20,7 @@ moves it aside to ``corrupt/<step>`` (never deletes it), so the run can resume f
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -242,6 +243,9 @@ class Checkpoints:
     def _fits(self, manager: ocp.CheckpointManager, step: int, target: Any) -> str | None:
         """None when the saved state's leaves have the target's paths and shapes, else why not
         (None too when its metadata cannot be read: then the arrays decide)."""
+        absl = logging.getLogger("absl")  # Orbax warns that the item has no step metadata file
+        level = absl.level
+        absl.setLevel(logging.ERROR)
         try:
             with ocp.StandardCheckpointer() as reader:
                 saved = reader.metadata(manager.directory / str(step) / "state")
@@ -249,6 +253,8 @@ class Checkpoints:
             saved_leaves = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(saved)}
         except Exception:
             return None
+        finally:
+            absl.setLevel(level)
         if not saved_leaves:
             return None
         wanted = {_path(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(_without_empty(target))}

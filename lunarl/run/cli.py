@@ -14,9 +14,12 @@ import dataclasses
 import difflib
 import io
 import logging
+import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = ["fail", "known_keys", "normalize_overrides", "quiet_libraries", "release_stderr", "run_app"]
@@ -25,7 +28,10 @@ __all__ = ["fail", "known_keys", "normalize_overrides", "quiet_libraries", "rele
 def fail(app: str, message: str, code: int = 1) -> NoReturn:
     """Print ``app: error: message`` on stderr (one line, no traceback) and exit with ``code``."""
     release_stderr()
-    print(f"{app}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    # Straight to the real stream: a library thread may be writing a traceback through the
+    # filter at this moment, and this line must not end up inside it.
+    stream = _held.real if _held is not None else sys.stderr
+    print(f"{app}: error: {' '.join(str(message).split())}", file=stream, flush=True)
     sys.exit(code)
 
 
@@ -103,42 +109,43 @@ _NOISE = "RuntimeError: Event loop is closed"
 class _HeldStream(io.TextIOBase):
     """Buffers writes until ``release``, then writes through to the real stream (handlers that
     captured this object while it was held keep working), dropping only tracebacks that end in
-    ``_NOISE``."""
+    ``_NOISE``. Several threads print such tracebacks at once, so lines are grouped per thread."""
 
     def __init__(self, real: Any):
         self.real = real
         self.held: list[str] | None = []
-        self.block: list[str] | None = None  # a traceback being collected
-        self.partial = ""
+        self.blocks: dict[int, list[str]] = {}  # per thread: a traceback being collected
+        self.partial: dict[int, str] = {}  # per thread: text after its last newline
+        self.lock = threading.Lock()
 
     def write(self, text: str) -> int:
-        if self.held is not None:
-            self.held.append(text)
-            return len(text)
-        for line in (self.partial + text).splitlines(keepends=True):
-            if not line.endswith("\n"):
-                if self.block is None and not _TRACEBACK.startswith(line):
-                    self.real.write(line)
-                    self.partial = ""
+        with self.lock:
+            if self.held is not None:
+                self.held.append(text)
+                return len(text)
+            thread = threading.get_ident()
+            for line in (self.partial.pop(thread, "") + text).splitlines(keepends=True):
+                if line.endswith("\n"):
+                    self._line(thread, line)
+                elif thread in self.blocks or _TRACEBACK.startswith(line):
+                    self.partial[thread] = line  # may be the start of a traceback: wait
                 else:
-                    self.partial = line
-                continue
-            self.partial = ""
-            self._line(line)
-        return len(text)
+                    self.real.write(line)
+            return len(text)
 
-    def _line(self, line: str) -> None:
-        if self.block is None:
+    def _line(self, thread: int, line: str) -> None:
+        block = self.blocks.get(thread)
+        if block is None:
             if line.startswith(_TRACEBACK):
-                self.block = [line]
+                self.blocks[thread] = [line]
             else:
                 self.real.write(line)
             return
-        self.block.append(line)
-        if not line[:1].isspace():  # the exception line closes the traceback
+        block.append(line)
+        if not line[:1].isspace() and not line.startswith(_TRACEBACK):  # the exception line
+            del self.blocks[thread]
             if line.strip() != _NOISE:
-                self.real.write("".join(self.block))
-            self.block = None
+                self.real.write("".join(block))
 
     def flush(self) -> None:
         if self.held is None:
@@ -191,20 +198,76 @@ def one_line_hydra_error(text: str, keys: set[str]) -> str:
     return "; ".join(lines) or "Hydra could not compose the config"
 
 
-def run_app(app: str, hydra_main: Callable[[], Any], schema: type, appended_groups: tuple[str, ...] = ()) -> None:
-    """Run a ``@hydra.main`` function with lunarl's argument handling and one-line errors."""
+# What Hydra writes into a run dir before lunarl's code runs.
+_HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log")
+
+
+class _HydraFiles:
+    """The files Hydra is about to (re)write in an existing run dir, as they were, so that a
+    refused start leaves the run dir byte for byte as it found it."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.existed = {d: d.exists() for d in (run_dir, run_dir / ".hydra")}
+        self.files = {name: (run_dir / name).read_bytes() if (run_dir / name).is_file() else None for name in _HYDRA_FILES}
+
+    def restore(self) -> None:
+        """Best effort: a file another process changed meanwhile is left as it is."""
+        for name, data in self.files.items():
+            path = self.run_dir / name
+            try:
+                if data is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(data)
+                elif path.is_file():
+                    path.unlink()
+            except OSError:
+                pass
+        for d in (self.run_dir / ".hydra", self.run_dir):
+            try:
+                if not self.existed[d] and d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+            except OSError:
+                pass
+
+
+def _explicit_run_dir(argv: list[str]) -> Path | None:
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("run.dir=")]
+    return Path(values[-1]) if values and not any(a in ("-m", "--multirun") for a in argv) else None
+
+
+def run_app(app: str, hydra_main: Callable[[], Any], schema: type, appended_groups: tuple[str, ...] = (), protect_run_dir: bool = False) -> None:
+    """Run a ``@hydra.main`` function with lunarl's argument handling and one-line errors.
+
+    ``protect_run_dir``: when ``run.dir=PATH`` is given and the app exits with an error, put back
+    the files Hydra wrote there (a refused resume must not touch an existing run).
+    """
     global _held
     keys = known_keys(schema)
     sys.argv = [sys.argv[0], *normalize_overrides(sys.argv[1:], keys, appended_groups)]
+    run_dir = _explicit_run_dir(sys.argv[1:]) if protect_run_dir else None
+    hydra_files = _HydraFiles(run_dir) if run_dir is not None else None
     # Stays sys.stderr for the life of the process (its noise filter matters at exit too).
     _held = _HeldStream(sys.stderr)
     real, sys.stderr = sys.stderr, _held
+    code = 0
     try:
         hydra_main()
     except SystemExit as e:
-        if _held.held is not None and e.code not in (0, None):
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if _held.held is not None and code:
             text = _held.release()
             print(f"{app}: error: {one_line_hydra_error(text, keys)}", file=real, flush=True)
-        raise
+        if hydra_files is not None and code:
+            logging.shutdown()  # Hydra's train.log handler writes nothing more
+            hydra_files.restore()
     finally:
         release_stderr()
+    # Leave without the interpreter's teardown: after a failed Orbax read, TensorStore's threads
+    # call back into asyncio loops that are gone and print pages of tracebacks while Python shuts
+    # down. Everything that matters was closed explicitly (wandb finished, checkpoints waited
+    # for and closed by the loop); flush what was printed and exit with the app's code.
+    logging.shutdown()
+    for stream in (sys.stdout, real):
+        stream.flush()
+    os._exit(code)

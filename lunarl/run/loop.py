@@ -20,7 +20,7 @@ import jax
 from omegaconf import OmegaConf
 
 from lunarl.agents.base import Agent
-from lunarl.run.checkpoint import Checkpoints
+from lunarl.run.checkpoint import CheckpointDamaged, CheckpointError, Checkpoints
 from lunarl.run.evaluation import eval_keys, eval_row, make_evaluator
 from lunarl.run.logger import RunLogger
 from lunarl.run.metrics import first_bad_metric, reduce_chunk
@@ -30,11 +30,15 @@ from lunarl.run.schema import Plan
 from lunarl.run.signals import GracefulStop
 from lunarl.run.video import VideoRecorder, video_name
 
-__all__ = ["TrainResult", "TrainingDiverged", "train"]
+__all__ = ["NoIntactCheckpoint", "TrainResult", "TrainingDiverged", "train"]
 
 
 class TrainingDiverged(RuntimeError):
     """NaN or inf in the metrics or parameters; the last good checkpoint is kept."""
+
+
+class NoIntactCheckpoint(CheckpointError):
+    """Every checkpoint of the run is damaged; the run dir is left as it was."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +146,8 @@ def _resume_or_init(run: _Run) -> tuple[Any, int]:
         keys = jax.device_put(seed_keys(plan.cfg.seed, num_seeds), run.placement.seeds)
         return init_state(run.agent, run.env, plan.agent_config, keys, run.placement), 0
     target = abstract_state(run.agent, run.env, plan.agent_config, num_seeds, run.placement)
-    ts, _, meta = run.ckpts.restore("latest", target, config=run.config)
+    ts, meta = _restore_newest_intact(run, target)
+    start = meta["iteration"]
     dropped = run.logger.jsonl.drop_after(start)
     if run.logger.tensorboard is not None:
         run.logger.tensorboard.purge_after(meta["global_step"])
@@ -151,6 +156,28 @@ def _resume_or_init(run: _Run) -> tuple[Any, int]:
         f"in {run.ckpts.directory}" + (f"; dropped {dropped} metric rows logged after it" if dropped else "")
     )
     return ts, start
+
+
+def _restore_newest_intact(run: _Run, target: Any) -> tuple[Any, dict]:
+    """The newest latest-checkpoint that reads back intact. Damaged newer ones are moved aside to
+    ``corrupt/`` only once an intact one is found; with none intact nothing is touched and
+    ``NoIntactCheckpoint`` is raised."""
+    damaged: list[CheckpointDamaged] = []
+    for step in sorted(run.ckpts.latest.all_steps(), reverse=True):
+        try:
+            ts, _, meta = run.ckpts.restore(step, target, config=run.config)
+        except CheckpointDamaged as e:
+            damaged.append(e)
+            continue
+        for e in damaged:
+            moved = run.ckpts.quarantine("latest", e.step)
+            run.logger.print(f"{e}; moved it to {moved}; resuming from iteration {step}")
+        return ts, meta
+    reasons = "; ".join(f"iteration {e.step}: {e.reason}" for e in damaged)
+    raise NoIntactCheckpoint(
+        f"no intact checkpoint in {run.ckpts.directory / 'latest'} ({reasons}); nothing was changed. "
+        "Move that directory aside to start over, or use a new run.dir."
+    )
 
 
 def _compile_evaluator(run: _Run, ts: Any) -> Any:
@@ -172,7 +199,7 @@ def _train_chunk(run: _Run, chunk: Any, ts: Any, iteration: int) -> tuple[Any, i
             f"non-finite value (NaN/inf) in {first_bad_metric(metrics)} during iterations "
             f"{iteration}-{iteration + every}; stopped without saving. Last good checkpoint: "
             f"{'none' if last is None else f'iteration {last}'} in {run.ckpts.directory}. "
-            "Try a lower agent.learning_rate or agent.max_grad_norm."
+            "Try a lower learning rate or tighter gradient clipping in agent.*."
         )
     iteration += every
     steps = every * run.plan.steps_per_iteration * run.plan.cfg.num_seeds
@@ -199,4 +226,10 @@ def _evaluate(run: _Run, evaluate: Any, ts: Any, iteration: int) -> None:
     if run.videos is not None and (iteration % cfg.run.video_every == 0 or iteration >= run.plan.total_iterations):
         _record_video(run, ts, iteration)
     if cfg.checkpoint.keep_best:
-        run.ckpts.save_best(iteration, ts, run.config, meta, row["eval/episode_return"])
+        try:
+            run.ckpts.save_best(iteration, ts, run.config, meta, row["eval/episode_return"])
+        except CheckpointDamaged as e:  # the saved best cannot be read back to compare with
+            moved = run.ckpts.quarantine("best", e.step)
+            run.logger.print(f"{e}; moved it to {moved}")
+            run.ckpts.save_best(iteration, ts, run.config, meta, row["eval/episode_return"])
+

@@ -35,16 +35,21 @@ class SavedRun:
 
 def checkpoint_dir_of(run_dir: Path) -> str:
     """Where a run wrote its checkpoints: ``checkpoint.dir`` of its resolved ``config.yaml``
-    (which may be ``s3://...``), else ``RUN_DIR/checkpoints``."""
-    resolved = Path(run_dir) / "config.yaml"
+    (which may be ``s3://...``), else ``RUN_DIR/checkpoints``. A checkpoint dir that was inside
+    the run dir is found inside ``run_dir`` wherever the run dir has been moved or copied to."""
+    run_dir = Path(run_dir)
+    resolved = run_dir / "config.yaml"
     if not resolved.exists():
-        return str(Path(run_dir) / "checkpoints")
+        return str(run_dir / "checkpoints")
     try:
-        directory = OmegaConf.select(OmegaConf.load(resolved), "checkpoint.dir")
+        saved = OmegaConf.load(resolved)
+        directory, saved_run_dir = OmegaConf.select(saved, "checkpoint.dir"), OmegaConf.select(saved, "run.dir")
     except Exception:
-        directory = None
+        directory = saved_run_dir = None
     if not isinstance(directory, str):
         raise ConfigError(f"{resolved} is not a lunarl train config (it has no checkpoint.dir); pass checkpoint_dir=PATH")
+    if isinstance(saved_run_dir, str) and "://" not in directory and Path(directory).is_relative_to(saved_run_dir):
+        return str(run_dir / Path(directory).relative_to(saved_run_dir))
     return directory
 
 

@@ -181,7 +181,7 @@ class Plan:
 
 
 def _user_message(err: Exception, node: str) -> str:
-    """``PPOConfig.learning_rate=...`` -> ``agent.learning_rate=...`` (the key the user typed)."""
+    """``SomeConfig.field=...`` -> ``agent.field=...`` (the key the user typed)."""
     msg = str(err)
     head, dot, rest = msg.partition(".")
     if dot and head.endswith("Config") and " " not in head:
