@@ -3,8 +3,9 @@
 Every field of an env's or agent's config class is an ordinary Hydra key (``env.num_rocks=3``,
 no ``+``), listed by ``python -m lunarl.train --cfg job`` with its default; that needs the field
 in the group's yaml. This script rewrites each file's field block from the dataclass, in field
-order, keeping the value already in the yaml (a file may choose its own default) and the file's
-header comment; new fields get the class default, each field the ``bounded`` doc as a comment.
+order, keeping the value already in the yaml (a file may choose its own default), the file's header
+comment and a comment written after a key; new fields get the class default, and a field without
+a comment gets its ``bounded`` doc.
 
     python scripts/sync_conf.py            # rewrite what drifted
     python scripts/sync_conf.py --check    # exit 1 naming what drifted (the test suite runs this)
@@ -38,6 +39,12 @@ def render(path: Path, group: str) -> str:
     """The file as it should be: header comment, the app's keys, then every config field."""
     text = path.read_text()
     data = yaml.safe_load(text) or {}
+    # A comment already written after a key is kept (it may say more than the field's doc).
+    comments = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        if sep and not line.startswith((" ", "#")) and "#" in rest:
+            comments[key.strip()] = rest.split("#", 1)[1].strip()
     header = []
     for line in text.splitlines():
         if not line.startswith("#"):
@@ -55,12 +62,13 @@ def render(path: Path, group: str) -> str:
     lines = [*header]
     for key in app_keys:
         value = data.get(key)
-        lines.append(f"{key}: {_yaml_value(value)}" + ("   # null = the env's default_episode_length" if key == "episode_length" else ""))
+        note = comments.get(key, "null = the env's default_episode_length" if key == "episode_length" else "")
+        lines.append(f"{key}: {_yaml_value(value)}" + (f"   # {note}" if note else ""))
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         value = data.get(f.name, f.default)
-        doc = f.metadata.get("doc", "")
+        doc = comments.get(f.name, f.metadata.get("doc", ""))
         lines.append(f"{f.name}: {_yaml_value(value)}" + (f"   # {doc}" if doc else ""))
     return "\n".join(lines) + "\n"
 
