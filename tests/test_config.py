@@ -165,6 +165,9 @@ def test_reduce_chunk_weights_episode_stats_by_finished_count():
     assert "seed0/charts/episode_return" not in row and row["charts/episode_return"] == 6.0
     metrics["charts/episodes_finished"] = np.zeros((2, 2))
     assert "charts/episode_return" not in reduce_chunk(metrics, stats, count)
+    # A running total (gradient steps so far) is its value at the end of the chunk.
+    totals = {"charts/gradient_steps": np.array([[8.0, 8.0], [18.0, 16.0]])}
+    assert reduce_chunk(totals, stats, count, ("charts/gradient_steps",))["charts/gradient_steps"] == 17.0
     ev = eval_row({"episode_return": np.array([[1.0, 3.0]]), "success": np.array([[1.0, 0.0]]), "episode_length": np.array([[5, 7]])})
     assert ev == {"eval/episode_return": 2.0, "eval/episode_return_std": 1.0, "eval/success_rate": 0.5, "eval/episode_length": 6.0}
 

@@ -164,7 +164,9 @@ class Agent:
     * ``env_axes(ts)``: a ``PartitionSpec`` per leaf of one seed's TrainState (``ENV_AXIS`` or
       ``REPLICATED``);
     * ``episode_statistics`` / ``episode_count``: which metrics are per-episode averages and
-      which counts the episodes they average over.
+      which counts the episodes they average over;
+    * ``running_totals``: metrics that are cumulative counters (gradient steps so far, replay
+      size), logged as their value at the end of a chunk rather than averaged over it.
     """
 
     name: str
@@ -177,10 +179,12 @@ class Agent:
     metric_names: tuple[str, ...]
     episode_statistics: tuple[str, ...] = EPISODE_STATISTICS
     episode_count: str = EPISODES_FINISHED
+    running_totals: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not issubclass(self.config_class, AgentConfig):
             raise TypeError(f"agent {self.name!r}: config_class must subclass AgentConfig")
-        missing = [k for k in (*self.episode_statistics, self.episode_count) if k not in self.metric_names]
+        declared = (*self.episode_statistics, self.episode_count, *self.running_totals)
+        missing = [k for k in declared if k not in self.metric_names]
         if missing:
             raise ValueError(f"agent {self.name!r}: episode metrics {missing} are not in metric_names")

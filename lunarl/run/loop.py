@@ -205,7 +205,7 @@ def _train_chunk(run: _Run, chunk: Any, ts: Any, iteration: int) -> tuple[Any, i
     steps = every * run.plan.steps_per_iteration * run.plan.cfg.num_seeds
     run.logger.log({
         **run.meta(iteration),
-        **reduce_chunk(metrics, agent.episode_statistics, agent.episode_count),
+        **reduce_chunk(metrics, agent.episode_statistics, agent.episode_count, agent.running_totals),
         "perf/steps_per_second": steps / elapsed,
     })
     return ts, iteration

@@ -33,14 +33,18 @@ def per_seed_row(per_seed: Mapping[str, np.ndarray], prefix: str = "") -> dict[s
 
 
 def reduce_chunk(
-    metrics: Mapping[str, np.ndarray], episode_statistics: tuple[str, ...], episode_count: str
+    metrics: Mapping[str, np.ndarray],
+    episode_statistics: tuple[str, ...],
+    episode_count: str,
+    running_totals: tuple[str, ...] = (),
 ) -> dict[str, float]:
     """One row from a chunk's metrics ``[K, S]``.
 
     ``episode_statistics`` are averages over the episodes that finished in an iteration, so over
     the chunk they are weighted by ``episode_count`` (an iteration where nothing finished does
     not count as 0, and a chunk where nothing finished logs none of them); ``episode_count`` is
-    summed; everything else is averaged.
+    summed; ``running_totals`` (cumulative counters) take their last value; everything else is
+    averaged.
     """
     per_seed: dict[str, np.ndarray] = {}
     count = metrics.get(episode_count)
@@ -52,6 +56,8 @@ def reduce_chunk(
             per_seed[key] = np.where(total > 0, (values * n).sum(axis=0) / np.maximum(total, 1), np.nan)
         elif key == episode_count:
             per_seed[key] = values.sum(axis=0)
+        elif key in running_totals:
+            per_seed[key] = values[-1]
         else:
             per_seed[key] = values.mean(axis=0)
     return per_seed_row(per_seed)

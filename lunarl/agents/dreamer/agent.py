@@ -516,4 +516,5 @@ AGENT = Agent(
     make_policy=make_policy,
     env_axes=env_axes,
     metric_names=METRIC_NAMES,
+    running_totals=("charts/gradient_steps", "charts/replay_size"),
 )
