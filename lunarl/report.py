@@ -179,7 +179,7 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
         if (p / "metrics.jsonl").exists():
             found.append(p)
         elif p.is_dir():
-            found += sorted(m.parent for m in p.rglob("metrics.jsonl") if "wandb" not in m.parts)
+            found += sorted(m.parent for m in p.rglob("metrics.jsonl") if "wandb" not in m.relative_to(p).parts)
     unique = list(dict.fromkeys(p.resolve() for p in found))
     return [load_run(p) for p in unique]
 
@@ -457,13 +457,18 @@ def _evaluations_table(runs: Sequence[Run]) -> str:
     return f"<h2>Evaluations (lunarl.evaluate)</h2><table>{head}{''.join(rows)}</table>"
 
 
-def _video_html(runs: Sequence[Run]) -> str:
-    videos = [(r, v) for r in runs for v in r.videos()]
+def _video_html(groups: Sequence[Group]) -> str:
+    videos = [(g, v) for g in groups for r in g.runs for v in r.videos()]
     if not videos:
         return "<h2>Latest video</h2><p class=meta>No video yet: train with <code>run.video_every=N</code> or evaluate with <code>eval.video=true</code>.</p>"
-    run, path = max(videos, key=lambda rv: (_step_of(rv[1]), rv[1].stat().st_mtime))
+    group, path = max(videos, key=lambda gv: (_step_of(gv[1]), gv[1].stat().st_mtime))
     step = _step_of(path)
-    caption = f"<p class=meta><code>{html.escape(str(path))}</code>" + (f", after {step:,} env steps" if step >= 0 else "") + "</p>"
+    caption = (
+        f"<p class=meta><code>{html.escape(str(path))}</code>"
+        + (f", after {step:,} env steps" if step >= 0 else "")
+        + (f" ({html.escape(group.label)})" if len(groups) > 1 else "")
+        + "; seed 0's deterministic policy</p>"
+    )
     if path.stat().st_size > MAX_INLINE_VIDEO_BYTES:
         return f"<h2>Latest video</h2>{caption}<p><a href='{html.escape(path.as_uri())}'>open the video</a> (too large to inline)</p>"
     if path.suffix == ".gif":
@@ -502,7 +507,7 @@ def build_report(run_paths: Sequence[str | Path], out: str | Path | None = None,
 (one seed: the evaluation band is the spread over its episodes); training episode statistics also show a moving average over {smooth} points.
 Generated {now}{f', refreshed every {int(refresh)} s' if refresh else ''}.</p>
 <h2>Runs</h2>{_runs_table(groups)}
-{_video_html(runs)}
+{_video_html(groups)}
 <h2>Curves</h2>
 <div class=grid>{''.join(narrow)}</div>
 {''.join(wide)}

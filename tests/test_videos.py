@@ -6,6 +6,7 @@ TensorBoard's own event reader."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -33,27 +34,33 @@ def read_video(path: Path) -> np.ndarray:
     return iio.imread(path, index=None)  # [frames, H, W, 3]; ffmpeg for MP4, Pillow for GIF
 
 
-@pytest.mark.parametrize(("name", "fmt"), [("rover", "mp4"), ("car_track", "mp4"), ("rover", "gif")])
-def test_policy_video_has_one_frame_per_step_and_the_env_frame_size(name, fmt, tmp_path):
+@pytest.mark.parametrize(("name", "formats"), [("rover", ("mp4", "gif")), ("car_track", ("mp4",))])
+def test_policy_video_has_one_frame_per_step_and_the_env_frame_size(name, formats, tmp_path):
     env = lunarl.envs.make(name)
     cfg = ppo.PPOConfig.build(num_envs=2, policy_hidden=(8,), value_hidden=(8,), episode_length=40)
     ts = ppo.init(jax.random.PRNGKey(0), env, cfg)
-    video = VideoRecorder(ppo.AGENT, env, cfg, fmt).record(
-        ppo.policy_params(ts), jax.random.PRNGKey(1), tmp_path / video_name(1280, fmt)
-    )
-    assert video.path.name == f"eval-step000001280.{fmt}"
-    frames = read_video(video.path)
+    recorder = VideoRecorder(ppo.AGENT, env, cfg)
     h, w, _ = env.render(jax.jit(env.reset)(jax.random.PRNGKey(0))).shape
-    assert 2 <= video.frames <= 41  # the state after reset, then one per step (crashes end early)
-    size = (even(h + STATUS_BAR_HEIGHT), even(w)) if fmt == "mp4" else (h + STATUS_BAR_HEIGHT, w)
-    assert frames.shape == (video.frames, *size, 3)  # MP4 pads to even sizes (yuv420p)
-    assert frames[0].std() > 10  # not a blank frame
-    assert video.rollout_seconds > 0 and video.render_seconds > 0 and video.encode_seconds > 0
+    for fmt in formats:  # the format follows the file name
+        video = recorder.record(ppo.policy_params(ts), jax.random.PRNGKey(1), tmp_path / video_name(1280, fmt))
+        assert video.path.name == f"eval-step000001280.{fmt}"
+        frames = read_video(video.path)
+        assert 2 <= video.frames <= 41  # the state after reset, then one per step (crashes end early)
+        size = (even(h + STATUS_BAR_HEIGHT), even(w)) if fmt == "mp4" else (h + STATUS_BAR_HEIGHT, w)
+        assert frames.shape == (video.frames, *size, 3)  # MP4 pads to even sizes (yuv420p)
+        assert frames[0].std() > 10  # not a blank frame
+        assert video.render_seconds > 0 and video.encode_seconds > 0
 
 
-def test_kuka_video_frames_come_from_mujoco_with_the_configured_size(tmp_path):
+@pytest.fixture(scope="module")
+def kuka():
+    """A small-frame kuka env and a reset state (compiling MJX's reset once for the module)."""
     env = lunarl.envs.make("kuka", render_width=96, render_height=64)
-    state = jax.jit(env.reset)(jax.random.PRNGKey(0))
+    return env, jax.jit(env.reset)(jax.random.PRNGKey(0))
+
+
+def test_kuka_video_frames_come_from_mujoco_with_the_configured_size(kuka, tmp_path):
+    env, state = kuka
     # A scripted trajectory (joint 2 swings), set on the host: drawing needs no physics step.
     qpos = np.asarray(state.pipeline_state.data.qpos)
     states = []
@@ -70,9 +77,8 @@ def test_kuka_video_frames_come_from_mujoco_with_the_configured_size(tmp_path):
     assert np.abs(frames[-1, STATUS_BAR_HEIGHT:].astype(int) - frames[0, STATUS_BAR_HEIGHT:]).mean() > 0.5
 
 
-def test_kuka_without_opengl_falls_back_to_a_schematic_with_one_warning(monkeypatch):
-    env = lunarl.envs.make("kuka", render_width=160, render_height=120)
-    state = jax.jit(env.reset)(jax.random.PRNGKey(0))
+def test_kuka_without_opengl_falls_back_to_a_schematic_with_one_warning(kuka, monkeypatch):
+    env, state = kuka
 
     def no_gl(_state):
         raise RuntimeError("Kuka.render needs an offscreen OpenGL platform and 'egl' failed")
@@ -81,10 +87,10 @@ def test_kuka_without_opengl_falls_back_to_a_schematic_with_one_warning(monkeypa
     monkeypatch.setattr(render_mod, "_gl_error", None)
     with pytest.warns(RuntimeWarning, match="schematic"):
         frame = render_frame(env, state)
-    assert frame.shape == (120, 160, 3) and frame.dtype == np.uint8 and frame.std() > 5
+    assert frame.shape == (64, 96, 3) and frame.dtype == np.uint8 and frame.std() > 5
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per process, not per frame
-        assert render_frame(env, state).shape == (120, 160, 3)
+        assert render_frame(env, state).shape == (64, 96, 3)
 
 
 def test_rover_without_a_renderer_error_is_not_hidden(monkeypatch):
@@ -161,3 +167,24 @@ def test_tensorboard_event_files_hold_the_logged_scalars(trained):
         got = [(e.step, e.value) for e in events.Scalars(key)]
         assert [s for s, _ in got] == [s for s, _ in expected], key
         np.testing.assert_allclose([v for _, v in got], [v for _, v in expected], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["run.eval_every=10", "run.video_every=15"], "run.video_every=15 must be a multiple of run.eval_every=10"),
+        (["run.eval_every=0", "run.video_every=10"], "run.video_every=10 needs run.eval_every > 0"),
+        (["run.video_format=avi"], "run.video_format='avi': allowed mp4, gif"),
+    ],
+)
+def test_video_settings_are_checked_before_anything_compiles(overrides, message):
+    from hydra import compose, initialize_config_dir
+
+    from lunarl.run.schema import ConfigError, register_schemas, validate_train
+
+    register_schemas()
+    conf = str(Path(__file__).resolve().parent.parent / "conf")
+    with initialize_config_dir(config_dir=conf, version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=rover_smoke", "run.log_every=5", *overrides])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_train(cfg)
