@@ -188,3 +188,23 @@ def test_video_settings_are_checked_before_anything_compiles(overrides, message)
         cfg = compose("config", overrides=["+experiment=rover_smoke", "run.log_every=5", *overrides])
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate_train(cfg)
+
+
+def test_tensorboard_after_a_resume_keeps_the_events_up_to_the_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lunarl.run.logger import TensorBoardLogger
+
+    first = TensorBoardLogger(tmp_path)
+    for step in (100, 200, 300):  # the run logged up to 300, its last checkpoint is at 100
+        first.log({"global_step": step, "time": 1.0, "iteration": step // 100, "losses/x": float(step)})
+    first.close()
+    resumed = TensorBoardLogger(tmp_path)
+    resumed.purge_after(100)  # what the loop does on resume
+    for step in (200, 300):
+        resumed.log({"global_step": step, "losses/x": step + 1.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["losses/x"]  # time and iteration are not scalars
+    assert [(e.step, e.value) for e in events.Scalars("losses/x")] == [(100, 100.0), (200, 201.0), (300, 301.0)]

@@ -119,7 +119,11 @@ class TensorBoardLogger:
         if self.writer is None:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step, flush_secs=10)
+            # A suffix of our own: event files are named by the second, and a run resumed within
+            # the same second would otherwise overwrite the file of the run it resumes.
+            self.writer = SummaryWriter(
+                str(self.log_dir), purge_step=self.purge_step, flush_secs=10, filename_suffix=f".{secrets.token_hex(3)}"
+            )
         step = int(row["global_step"])
         for key, value in row.items():
             if key not in self.SKIP and isinstance(value, int | float) and not isinstance(value, bool):
