@@ -248,7 +248,7 @@ class PlaySession:
         lines.append(("reward terms as they fire", grey))
         lines += [(f"  {e}", amber) for e in list(self.recent)[:8]]
         lines.append((HELP[self.env_name], grey))
-        lines.append(("M policy/you   R reset   P pause   Esc quit", grey))
+        lines.append((("M policy/you   " if self.policy is not None else "") + "R reset   P pause   Esc quit", grey))
         return lines
 
 
