@@ -119,10 +119,10 @@ class TensorBoardLogger:
         if self.writer is None:
             from tensorboardX import SummaryWriter
 
-            # A suffix of our own: event files are named by the second, and a run resumed within
-            # the same second would otherwise overwrite the file of the run it resumes.
+            # Event files are named by the second; a suffix in nanoseconds keeps a resumed run's
+            # file apart from (and sorted after) the one it resumes, even within the same second.
             self.writer = SummaryWriter(
-                str(self.log_dir), purge_step=self.purge_step, flush_secs=10, filename_suffix=f".{secrets.token_hex(3)}"
+                str(self.log_dir), purge_step=self.purge_step, flush_secs=10, filename_suffix=f".{time.time_ns():020d}"
             )
         step = int(row["global_step"])
         for key, value in row.items():
