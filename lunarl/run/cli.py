@@ -86,10 +86,12 @@ def normalize_overrides(argv: Iterable[str], listed: set[str], appended_groups: 
     out = []
     for arg in argv:
         key = arg.split("=", 1)[0]
-        if arg.startswith("+") and not arg.startswith("++") and key[1:] in listed:
+        group = key.lstrip("+").split(".")[0] if "." in key else None
+        if group in appended_groups:
+            if "=" in arg and not arg.startswith(("+", "-", "~")):
+                arg = "+" + arg
+        elif arg.startswith("+") and not arg.startswith("++") and key[1:] in listed:
             arg = arg[1:]
-        elif "=" in arg and not arg.startswith(("+", "-", "~")) and key.split(".")[0] in appended_groups and "." in key:
-            arg = "+" + arg
         out.append(arg)
     return out
 
