@@ -232,7 +232,9 @@ def test_vmap_over_two_seeds_equals_two_single_runs(env, cfg, init_fn, step):
         single, single_metrics = _train(step, init_fn(keys[i]), 4)
         for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(batched.params), strict=True):
             np.testing.assert_allclose(a, b[i], rtol=1e-4, atol=1e-5)
-        np.testing.assert_array_equal(single.replay.data.obs, batched.replay.data.obs[i])
+        # Batched (vmapped) matmuls may round differently from plain ones, and the actions they
+        # give drive the envs, so the stored observations agree to float rounding, not bitwise.
+        np.testing.assert_allclose(single.replay.data.obs, batched.replay.data.obs[i], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(
             single_metrics["losses/qf_loss"], metrics["losses/qf_loss"][i], rtol=1e-4, atol=1e-5
         )

@@ -17,17 +17,16 @@ Design choices:
   ``Transformed`` distribution with the ``Tanh`` bijector. Its log-probability is taken from
   the pre-squash sample with the stable ``log(1 - tanh(u)^2)`` correction, never through
   ``atanh`` of a saturated action. The deterministic action is ``tanh(mean)``.
-* Critics: two Q MLPs on ``[obs, action]`` with their parameters stacked on a leading axis
-  (``nn.vmap``), so both run as one batched matmul; Polyak-averaged targets (``tau``). The TD
+* Critics: two Q MLPs on ``[obs, action]`` (``DoubleQ``); Polyak-averaged targets (``tau``). The TD
   target uses the minimum of the two target critics and the entropy term at the next action.
 * Temperature: ``log_alpha`` learned towards a target entropy of ``-action_size``
   (``autotune``), or a fixed ``init_alpha``. The alpha loss reuses the log-probabilities of
   the actor loss (no third actor pass).
 * Update order within one gradient step: critics (with the current actor and alpha), then actor
   and alpha (with the just-updated critics, as in the SAC paper and CleanRL), then the targets.
-  Parameters and Adam moments stay raveled into flat vectors inside the update scan (one
-  Adam update and one Polyak average per part instead of one per layer); the TrainState keeps
-  the pytrees.
+  Parameters and Adam moments stay pytrees (one small update per layer). Raveling them into
+  flat vectors made XLA:CPU emit the actor's gradient as one concatenate fusion that was
+  often slower than all the matmuls of the step (``scripts/results/sac.md``).
 * Time limits: a transition stores ``next_obs = info["final_obs"]`` (the observation the step
   produced, before the auto-reset) and ``terminated = done and not truncation``; the target
   bootstraps unless ``terminated``, so a time limit is not mistaken for a terminal state.
@@ -61,7 +60,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
-from jax.flatten_util import ravel_pytree
 
 from lunarl.agents import replay as replay_lib
 from lunarl.agents.base import (
@@ -227,7 +225,7 @@ class TrainState(struct.PyTreeNode):
     """Everything one SAC run carries between iterations; only arrays are pytree leaves."""
 
     params: dict[str, Any]  # actor, critic, target_critic, log_alpha
-    opt_state: dict[str, Any]  # Adam states of the raveled actor, critic and log_alpha
+    opt_state: dict[str, Any]  # Adam states of actor, critic and log_alpha (pytrees like params)
     obs_stats: RunningStats
     replay: replay_lib.Replay
     env_state: State  # batched, from the training wrapper stack
@@ -309,8 +307,8 @@ def init(rng: jax.Array, env: LunarEnv, cfg: SACConfig) -> TrainState:
     params = {"actor": actor, "critic": critic, "target_critic": critic, "log_alpha": log_alpha}
     adam = _adam(cfg)
     opt_state = {
-        "actor": adam.init(ravel_pytree(actor)[0]),
-        "critic": adam.init(ravel_pytree(critic)[0]),
+        "actor": adam.init(actor),
+        "critic": adam.init(critic),
         "log_alpha": adam.init(log_alpha),
     }
     return TrainState(
@@ -485,23 +483,20 @@ def _learn(
     metrics averaged over the steps)."""
     actor_net, critic_net = _actor(env, cfg), _critic(cfg)
     adam = _adam(cfg)
-    actor_flat, unravel_actor = ravel_pytree(params["actor"])
-    critic_flat, unravel_critic = ravel_pytree(params["critic"])
-    target_flat, _ = ravel_pytree(params["target_critic"])
     target_entropy = -float(env.action_size)
 
-    def sample_action(actor_params: jax.Array, obs: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        mean, log_std = actor_net.apply(unravel_actor(actor_params), obs)
+    def sample_action(actor_params: Any, obs: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        mean, log_std = actor_net.apply(actor_params, obs)
         return squashed_gaussian(mean, log_std).sample_and_log_prob(seed=key)
 
-    def critic_loss(critic_params: jax.Array, batch: Batch, target: jax.Array):
-        q = critic_net.apply(unravel_critic(critic_params), batch.obs, batch.action)
+    def critic_loss(critic_params: Any, batch: Batch, target: jax.Array):
+        q = critic_net.apply(critic_params, batch.obs, batch.action)
         per_critic = jnp.mean(jnp.square(q - target), axis=1)
         return jnp.sum(per_critic), (per_critic, jnp.mean(q, axis=1))
 
-    def actor_loss(actor_params: jax.Array, critic_params: jax.Array, alpha: jax.Array, obs: jax.Array, key):
+    def actor_loss(actor_params: Any, critic_params: Any, alpha: jax.Array, obs: jax.Array, key):
         action, log_prob = sample_action(actor_params, obs, key)
-        q = critic_net.apply(unravel_critic(critic_params), obs, action)
+        q = critic_net.apply(critic_params, obs, action)
         return jnp.mean(alpha * log_prob - jnp.min(q, axis=0)), log_prob
 
     def alpha_loss(log_alpha: jax.Array, log_prob: jax.Array) -> jax.Array:
@@ -514,17 +509,17 @@ def _learn(
         alpha = jnp.exp(log_alpha)
 
         next_action, next_log_prob = sample_action(actor_p, batch.next_obs, k_next)
-        next_q = critic_net.apply(unravel_critic(target_p), batch.next_obs, next_action)
+        next_q = critic_net.apply(target_p, batch.next_obs, next_action)
         target = jax.lax.stop_gradient(td_target(next_q, next_log_prob, batch.reward, batch.discount, alpha))
         (qf_loss, (per_critic, q_mean)), grads = jax.value_and_grad(critic_loss, has_aux=True)(critic_p, batch, target)
         updates, critic_opt = adam.update(grads, opt["critic"])
-        critic_p = critic_p + updates
+        critic_p = optax.apply_updates(critic_p, updates)
 
         (a_loss, log_prob), grads = jax.value_and_grad(actor_loss, has_aux=True)(
             actor_p, critic_p, alpha, batch.obs, k_actor
         )
         updates, actor_opt = adam.update(grads, opt["actor"])
-        actor_p = actor_p + updates
+        actor_p = optax.apply_updates(actor_p, updates)
 
         log_prob = jax.lax.stop_gradient(log_prob)
         al_loss, grad = jax.value_and_grad(alpha_loss)(log_alpha, log_prob)
@@ -534,7 +529,7 @@ def _learn(
         else:
             alpha_opt = opt["log_alpha"]
 
-        target_p = target_p + cfg.tau * (critic_p - target_p)
+        target_p = jax.tree.map(lambda t, c: t + cfg.tau * (c - t), target_p, critic_p)
         opt = {"actor": actor_opt, "critic": critic_opt, "log_alpha": alpha_opt}
         metrics = {
             "losses/qf1_loss": per_critic[0],
@@ -550,16 +545,9 @@ def _learn(
         return (actor_p, critic_p, target_p, log_alpha, opt), metrics
 
     keys = jax.random.split(rng, cfg.updates_per_iteration)
-    carry = (actor_flat, critic_flat, target_flat, params["log_alpha"], opt_state)
-    (actor_flat, critic_flat, target_flat, log_alpha, opt_state), metrics = jax.lax.scan(
-        update, carry, (batches, keys)
-    )
-    params = {
-        "actor": unravel_actor(actor_flat),
-        "critic": unravel_critic(critic_flat),
-        "target_critic": unravel_critic(target_flat),
-        "log_alpha": log_alpha,
-    }
+    carry = (params["actor"], params["critic"], params["target_critic"], params["log_alpha"], opt_state)
+    (actor_p, critic_p, target_p, log_alpha, opt_state), metrics = jax.lax.scan(update, carry, (batches, keys))
+    params = {"actor": actor_p, "critic": critic_p, "target_critic": target_p, "log_alpha": log_alpha}
     return params, opt_state, jax.tree.map(jnp.mean, metrics)
 
 
