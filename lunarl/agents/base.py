@@ -43,6 +43,7 @@ __all__ = [
     "Agent",
     "AgentConfig",
     "Policy",
+    "as_raw_key",
     "episode_metrics",
     "reset_carry",
     "stateless",
@@ -120,6 +121,13 @@ def stateless(policy: Callable[[Any, jax.Array, jax.Array, Any], jax.Array]) -> 
         return policy(params, obs, rng, deterministic), carry
 
     return Policy(initial_carry=lambda batch_size: (), act=act)
+
+
+def as_raw_key(rng: jax.Array) -> jax.Array:
+    """A raw uint32[2] key from a new-style typed key too (the env contract stores raw keys)."""
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(rng)
+    return rng
 
 
 def reset_carry(carry: Carry, initial: Carry, is_first: jax.Array) -> Carry:

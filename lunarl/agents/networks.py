@@ -11,6 +11,7 @@
   waits for chunks that no free thread can run, and the multi-seed ``init`` deadlocks.
 * ``RunningStats``: observation mean/variance merged batch by batch (Chan et al.'s parallel
   form of Welford's update), a pytree that lives in the agent's train state.
+* ``observation_features`` / ``feature_size``: what the networks see of an observation.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
 
-__all__ = ["ACTIVATIONS", "ActorCritic", "MLP", "RunningStats", "orthogonal"]
+__all__ = ["ACTIVATIONS", "MLP", "ActorCritic", "RunningStats", "feature_size", "observation_features", "orthogonal"]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": nn.tanh,
@@ -150,3 +152,21 @@ class RunningStats:
 
     def normalize(self, x: jax.Array, clip: float = 10.0) -> jax.Array:
         return jnp.clip((x - self.mean) / jnp.sqrt(self.var + 1e-8), -clip, clip)
+
+
+def observation_features(env: Any, stats: RunningStats, obs: jax.Array, normalize: bool, angle_features: bool) -> jax.Array:
+    """Network input: the observation (normalised by ``stats`` if ``normalize``), plus (cos, sin)
+    of the entries the env declares as angles (``env.angle_observations``) if ``angle_features``:
+    a raw angle jumps by 2 pi across the wrap, which an MLP must otherwise learn to bridge."""
+    x = stats.normalize(obs) if normalize else obs
+    angles = tuple(getattr(env, "angle_observations", ())) if angle_features else ()
+    if angles:
+        raw = obs[..., angles]
+        x = jnp.concatenate([x, jnp.cos(raw), jnp.sin(raw)], axis=-1)
+    return x
+
+
+def feature_size(env: Any, angle_features: bool) -> int:
+    """Width of ``observation_features`` for ``env``."""
+    angles = tuple(getattr(env, "angle_observations", ())) if angle_features else ()
+    return env.observation_size + 2 * len(angles)

@@ -46,10 +46,11 @@ from lunarl.agents.base import (
     Agent,
     AgentConfig,
     Policy,
+    as_raw_key,
     episode_metrics,
     stateless,
 )
-from lunarl.agents.networks import ACTIVATIONS, ActorCritic, RunningStats
+from lunarl.agents.networks import ACTIVATIONS, ActorCritic, RunningStats, feature_size, observation_features
 from lunarl.config import bounded
 from lunarl.envs.base import LunarEnv, State, wrap_for_training
 
@@ -194,29 +195,12 @@ def _optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
     return optax.flatten(_flat_optimizer(cfg))
 
 
-def _angle_indices(env: LunarEnv, cfg: PPOConfig) -> tuple[int, ...]:
-    return tuple(getattr(env, "angle_observations", ())) if cfg.angle_features else ()
-
-
 def _features(env: LunarEnv, cfg: PPOConfig, stats: RunningStats, obs: jax.Array) -> jax.Array:
-    """Network input: the (normalised) observation, plus (cos, sin) of the env's angle entries."""
-    x = stats.normalize(obs) if cfg.normalize_observations else obs
-    angles = _angle_indices(env, cfg)
-    if angles:
-        raw = obs[..., angles]
-        x = jnp.concatenate([x, jnp.cos(raw), jnp.sin(raw)], axis=-1)
-    return x
+    return observation_features(env, stats, obs, cfg.normalize_observations, cfg.angle_features)
 
 
 def _feature_size(env: LunarEnv, cfg: PPOConfig) -> int:
-    return env.observation_size + 2 * len(_angle_indices(env, cfg))
-
-
-def _as_raw_key(rng: jax.Array) -> jax.Array:
-    """Accept new-style typed keys too; the env contract stores raw uint32[2] keys."""
-    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(rng)
-    return rng
+    return feature_size(env, cfg.angle_features)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +210,7 @@ def _as_raw_key(rng: jax.Array) -> jax.Array:
 
 def init(rng: jax.Array, env: LunarEnv, cfg: PPOConfig) -> TrainState:
     """A fresh train state: network, optimiser, normaliser and ``cfg.num_envs`` reset envs."""
-    rng = _as_raw_key(rng)
+    rng = as_raw_key(rng)
     k_params, k_env, k_state = jax.random.split(rng, 3)
     params = _network(env, cfg).init(k_params, jnp.zeros((1, _feature_size(env, cfg)), jnp.float32))
     env_state = _training_env(env, cfg).reset(jax.random.split(k_env, cfg.num_envs))

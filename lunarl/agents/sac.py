@@ -70,10 +70,11 @@ from lunarl.agents.base import (
     Agent,
     AgentConfig,
     Policy,
+    as_raw_key,
     episode_metrics,
     stateless,
 )
-from lunarl.agents.networks import ACTIVATIONS, MLP, RunningStats
+from lunarl.agents.networks import ACTIVATIONS, MLP, RunningStats, feature_size, observation_features
 from lunarl.config import bounded
 from lunarl.envs.base import LunarEnv, State, wrap_for_training
 
@@ -249,29 +250,12 @@ def _training_env(env: LunarEnv, cfg: SACConfig):
     return wrap_for_training(env, cfg.episode_length)
 
 
-def _angle_indices(env: LunarEnv, cfg: SACConfig) -> tuple[int, ...]:
-    return tuple(getattr(env, "angle_observations", ())) if cfg.angle_features else ()
-
-
 def _features(env: LunarEnv, cfg: SACConfig, stats: RunningStats, obs: jax.Array) -> jax.Array:
-    """Network input: the (normalised) observation, plus (cos, sin) of the env's angle entries."""
-    x = stats.normalize(obs) if cfg.normalize_observations else obs
-    angles = _angle_indices(env, cfg)
-    if angles:
-        raw = obs[..., angles]
-        x = jnp.concatenate([x, jnp.cos(raw), jnp.sin(raw)], axis=-1)
-    return x
+    return observation_features(env, stats, obs, cfg.normalize_observations, cfg.angle_features)
 
 
 def _feature_size(env: LunarEnv, cfg: SACConfig) -> int:
-    return env.observation_size + 2 * len(_angle_indices(env, cfg))
-
-
-def _as_raw_key(rng: jax.Array) -> jax.Array:
-    """Accept new-style typed keys too; the env contract stores raw uint32[2] keys."""
-    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(rng)
-    return rng
+    return feature_size(env, cfg.angle_features)
 
 
 def _adam(cfg: SACConfig) -> optax.GradientTransformation:
@@ -298,7 +282,7 @@ def _example_transition(env: LunarEnv) -> Transition:
 
 def init(rng: jax.Array, env: LunarEnv, cfg: SACConfig) -> TrainState:
     """A fresh train state: networks, targets, optimisers, an empty replay, reset envs."""
-    rng = _as_raw_key(rng)
+    rng = as_raw_key(rng)
     k_actor, k_critic, k_env, k_state = jax.random.split(rng, 4)
     features = jnp.zeros((1, _feature_size(env, cfg)), jnp.float32)
     actor = _actor(env, cfg).init(k_actor, features)

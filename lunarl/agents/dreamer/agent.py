@@ -46,6 +46,7 @@ from lunarl.agents.base import (
     Agent,
     AgentConfig,
     Policy,
+    as_raw_key,
     episode_metrics,
     reset_carry,
 )
@@ -234,13 +235,6 @@ def _training_env(env: LunarEnv, cfg: DreamerConfig):
     return wrap_for_training(env, cfg.episode_length)
 
 
-def _as_raw_key(rng: jax.Array) -> jax.Array:
-    """Accept new-style typed keys too; the env contract stores raw uint32[2] keys."""
-    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(rng)
-    return rng
-
-
 def _example_step(env: LunarEnv) -> Step:
     obs = jnp.zeros((env.observation_size,), jnp.float32)
     scalar = jnp.zeros((), jnp.float32)
@@ -250,7 +244,7 @@ def _example_step(env: LunarEnv) -> Step:
 
 def init(rng: jax.Array, env: LunarEnv, cfg: DreamerConfig) -> TrainState:
     """A fresh train state: networks, optimisers, an empty replay, reset envs and carries."""
-    rng = _as_raw_key(rng)
+    rng = as_raw_key(rng)
     k_wm, k_actor, k_critic, k_env, k_state = jax.random.split(rng, 5)
     n = nets(env, cfg)
     d = cfg.dims
