@@ -281,6 +281,7 @@ def test_preflight_refuses_a_disk_without_room_for_two_checkpoints(tmp_path, mon
     cfg.env = {"name": "rover", "num_envs": 4}
     cfg.agent = {"name": "ppo"}
     cfg.checkpoint.dir = str(tmp_path / "ck")
+    cfg.run.dir = str(tmp_path / "run")  # the default uses Hydra's ${now:} resolver
     plan = validate_train(cfg)
     pf.preflight(plan, tmp_path / "run", 10_000)
     monkeypatch.setattr(pf.shutil, "disk_usage", lambda p: type("U", (), {"free": 15_000})())
