@@ -43,11 +43,14 @@ import typing
 
 import jax
 import jax.numpy as jnp
+from bench_ppo import _chunk_stats  # noqa: E402  (the scripts directory is on sys.path)
 
 import lunarl
 from lunarl._platform import set_process_fusion_emitters
 from lunarl.agents import sac
+from lunarl.agents.base import stateless
 from lunarl.envs import LunarEnv, config_class, env_class, make, wrap_for_training
+from lunarl.run.evaluation import rollout, summarize
 
 
 def bench_config(env: LunarEnv, num_envs: int, sets: list[str]) -> sac.SACConfig:
@@ -64,12 +67,6 @@ def bench_config(env: LunarEnv, num_envs: int, sets: list[str]) -> sac.SACConfig
         raise ValueError(f"utd_ratio={cfg.utd_ratio} must be a whole number >= 1 (Brax's grad_updates_per_step)")
     per_iter = cfg.env_steps_per_iteration
     return cfg.replace(warmup_steps=-(-cfg.warmup_steps // per_iter) * per_iter)
-
-
-def _chunk_stats(times: list[float], steps_per_chunk: int) -> tuple[float, float]:
-    """(steps/s from the median of chunks 2.., compile = first chunk - that median)."""
-    steady = statistics.median(times[1:])
-    return steps_per_chunk / steady, max(times[0] - steady, 0.0)
 
 
 def run_lunarl(env: LunarEnv, cfg: sac.SACConfig, chunks: int, chunk_iters: int, seed: int):
@@ -154,25 +151,12 @@ def run_brax(env: LunarEnv, cfg: sac.SACConfig, chunks: int, chunk_iters: int, s
 
 
 def greedy_eval(env: LunarEnv, policy: typing.Callable, params: typing.Any, key: jax.Array, episodes: int, length: int):
-    """Mean return and success rate of one deterministic episode per reset key (no auto-reset)."""
-
-    @jax.jit
-    def run(params):
-        state = jax.vmap(env.reset)(jax.random.split(key, episodes))
-
-        def body(carry, _):
-            state, alive, total, success = carry
-            state = jax.vmap(env.step)(state, policy(params, state.obs))
-            total = total + alive * state.reward
-            success = jnp.maximum(success, alive * (state.metrics.get("success", 0.0 * state.reward) > 0))
-            return (state, alive * (1.0 - state.done), total, success), None
-
-        zeros = jnp.zeros(episodes)
-        (_, _, total, success), _ = jax.lax.scan(body, (state, jnp.ones(episodes), zeros, zeros), None, length=length)
-        return total.mean(), success.mean()
-
-    ret, success = run(params)
-    return {"return_mean": float(ret), "success_rate": float(success)}
+    """Mean return and success rate of one deterministic episode per env, through lunarl's one
+    evaluation rollout (``lunarl.run.evaluation``), for both trainers' policies."""
+    act = stateless(lambda p, obs, rng, deterministic: policy(p, obs))
+    out = jax.jit(lambda p: rollout(env, act, p, key, episodes, length))(params)
+    summary = summarize(out)
+    return {"return_mean": float(summary["episode_return"]), "success_rate": float(summary["success_rate"])}
 
 
 def main() -> None:
