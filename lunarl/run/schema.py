@@ -61,6 +61,14 @@ class RunSchema:
     # A multiple of eval_every. Drawn on the host after the evaluation, never in the chunk.
     video_every: int = bounded(0, 0)
     video_format: str = "mp4"  # mp4 (H.264) | gif
+    # Devices of the (seed, data) mesh: null = all (every process's), N = the first N, or a list
+    # of device ids. Seeds split over them where they divide; the rest shard the env batch.
+    devices: Any = None
+    # One run over several processes (lunarl.run.distributed): all three, or none. Under SLURM
+    # with more than one task JAX reads them from SLURM's variables instead.
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = bounded(None, 1)
+    process_id: int | None = bounded(None, 0)
 
 
 @dataclass
