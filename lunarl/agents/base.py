@@ -16,13 +16,22 @@ Placement. ``env_axes(ts)`` returns, for every leaf of one seed's ``TrainState``
 ``PartitionSpec`` naming which of its axes is the env batch (``ENV_AXIS``, the ``data`` mesh
 axis) or none (``REPLICATED``), so the host can shard the env batch over devices without
 knowing what the leaves are.
+
+Hyperparameters that vary per row. ``Agent.hyperparameters`` names the config fields (floats that
+change no shape: a learning rate, a discount, a loss coefficient) that the agent reads through
+``hyperparameter(ts, name)`` rather than from ``ts.cfg``. Such an agent's TrainState has an
+``hparams`` dict leaf, empty by default, so ``hyperparameter`` returns the config's Python number
+and a run without a population compiles exactly as before. A population
+(``lunarl.run.population``) puts float32 scalars there with ``with_hyperparameters``; stacked on
+the leading seed axis they give every row its own values inside one vmapped program, and they
+are saved and restored with the rest of the state.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -45,8 +54,10 @@ __all__ = [
     "Policy",
     "as_raw_key",
     "episode_metrics",
+    "hyperparameter",
     "reset_carry",
     "stateless",
+    "with_hyperparameters",
 ]
 
 #: Mesh axis names the host builds (``lunarl.run.placement``): independent seeds, env batch.
@@ -160,6 +171,18 @@ def episode_metrics(
     }
 
 
+def hyperparameter(ts: Any, name: str) -> Any:
+    """The value of hyperparameter ``name`` that ``ts`` trains with: its own ``ts.hparams[name]``
+    when a population set one, else ``ts.cfg.<name>`` (a Python number, so the default program is
+    unchanged bit for bit)."""
+    return ts.hparams[name] if name in ts.hparams else getattr(ts.cfg, name)
+
+
+def with_hyperparameters(ts: Any, values: Mapping[str, Any]) -> Any:
+    """``ts`` training with ``values`` (name -> float32 scalar, or ``[rows]`` on a stacked state)."""
+    return ts.replace(hparams={**ts.hparams, **{k: jnp.asarray(v, jnp.float32) for k, v in values.items()}})
+
+
 @dataclasses.dataclass(frozen=True)
 class Agent:
     """An agent as the host sees it. All functions are pure and jittable.
@@ -174,7 +197,9 @@ class Agent:
     * ``episode_statistics`` / ``episode_count``: which metrics are per-episode averages and
       which counts the episodes they average over;
     * ``running_totals``: metrics that are cumulative counters (gradient steps so far, replay
-      size), logged as their value at the end of a chunk rather than averaged over it.
+      size), logged as their value at the end of a chunk rather than averaged over it;
+    * ``hyperparameters``: float config fields the agent reads with ``hyperparameter(ts, name)``,
+      which a population may set per row (its TrainState then has an ``hparams`` dict field).
     """
 
     name: str
@@ -188,10 +213,15 @@ class Agent:
     episode_statistics: tuple[str, ...] = EPISODE_STATISTICS
     episode_count: str = EPISODES_FINISHED
     running_totals: tuple[str, ...] = ()
+    hyperparameters: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not issubclass(self.config_class, AgentConfig):
             raise TypeError(f"agent {self.name!r}: config_class must subclass AgentConfig")
+        fields = {f.name: f for f in dataclasses.fields(self.config_class)}
+        bad = [k for k in self.hyperparameters if k not in fields or fields[k].type not in (float, "float")]
+        if bad:
+            raise ValueError(f"agent {self.name!r}: hyperparameters {bad} are not float fields of {self.config_class.__name__}")
         declared = (*self.episode_statistics, self.episode_count, *self.running_totals)
         missing = [k for k in declared if k not in self.metric_names]
         if missing:

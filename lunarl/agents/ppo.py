@@ -24,6 +24,12 @@ Design choices:
   the rover's heading) are also fed to the networks as (cos, sin), continuous across the wrap.
 * Reward scaling: rewards are multiplied by ``reward_scaling`` before GAE (logged episode returns
   stay unscaled).
+* Hyperparameters: ``HYPERPARAMETERS`` (learning rate, clip range, loss coefficients, discount,
+  GAE lambda, reward scaling, gradient clip) are read with ``base.hyperparameter``, so a population
+  can give every row its own values as arrays in ``TrainState.hparams``. The optimiser is rebuilt
+  with the row's learning rate inside ``train_step``: Adam's state does not depend on it, so the
+  optimiser state has the same structure with and without a population, and the learning rate
+  has one home (``hparams``) that PBT perturbs.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from lunarl.agents.base import (
     Policy,
     as_raw_key,
     episode_metrics,
+    hyperparameter,
     stateless,
 )
 from lunarl.agents.networks import ACTIVATIONS, ActorCritic, RunningStats, feature_size, observation_features
@@ -56,6 +63,7 @@ from lunarl.envs.base import LunarEnv, State, wrap_for_training
 
 __all__ = [
     "AGENT",
+    "HYPERPARAMETERS",
     "METRIC_NAMES",
     "PPOConfig",
     "TrainState",
@@ -131,6 +139,7 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array
     iteration: jax.Array  # int32 scalar
     env_steps: jax.Array  # int32 scalar
+    hparams: dict[str, jax.Array]  # per-row hyperparameters (``HYPERPARAMETERS``); empty: ``cfg``'s
     env: LunarEnv = struct.field(pytree_node=False)  # the unbatched env; wrapped on use
     cfg: PPOConfig = struct.field(pytree_node=False)
 
@@ -172,19 +181,23 @@ def _training_env(env: LunarEnv, cfg: PPOConfig):
     return wrap_for_training(env, cfg.episode_length)
 
 
-def _lr_schedule(cfg: PPOConfig) -> optax.Schedule:
+def _lr_schedule(cfg: PPOConfig, learning_rate: Any) -> optax.Schedule:
     if cfg.lr_decay:
         return optax.linear_schedule(
-            cfg.learning_rate, 0.0, cfg.total_iterations * cfg.updates_per_iteration
+            learning_rate, 0.0, cfg.total_iterations * cfg.updates_per_iteration
         )
-    return optax.constant_schedule(cfg.learning_rate)
+    return optax.constant_schedule(learning_rate)
 
 
-def _flat_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
-    """Global-norm clipping and Adam on one flat parameter vector (see ``_optimizer``)."""
+def _flat_optimizer(cfg: PPOConfig, learning_rate: Any, max_grad_norm: Any) -> optax.GradientTransformation:
+    """Global-norm clipping and Adam on one flat parameter vector (see ``_optimizer``).
+
+    ``learning_rate`` and ``max_grad_norm`` are Python numbers or (a population's) arrays; the
+    state is the same either way.
+    """
     return optax.chain(
-        optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.adam(_lr_schedule(cfg), eps=1e-5),
+        optax.clip_by_global_norm(max_grad_norm),
+        optax.adam(_lr_schedule(cfg, learning_rate), eps=1e-5),
     )
 
 
@@ -192,7 +205,7 @@ def _optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
     # ``flatten``: the clip and Adam run on one concatenated vector instead of leaf by leaf,
     # a few fused ops per minibatch step rather than a few per parameter. Its state is exactly
     # ``_flat_optimizer``'s state for the raveled parameters, which ``_learn`` relies on.
-    return optax.flatten(_flat_optimizer(cfg))
+    return optax.flatten(_flat_optimizer(cfg, cfg.learning_rate, cfg.max_grad_norm))
 
 
 def _features(env: LunarEnv, cfg: PPOConfig, stats: RunningStats, obs: jax.Array) -> jax.Array:
@@ -222,6 +235,7 @@ def init(rng: jax.Array, env: LunarEnv, cfg: PPOConfig) -> TrainState:
         rng=k_state,
         iteration=jnp.zeros((), jnp.int32),
         env_steps=jnp.zeros((), jnp.int32),
+        hparams={},
         env=env,
         cfg=cfg,
     )
@@ -271,7 +285,7 @@ def rollout(ts: TrainState) -> tuple[State, Transition, jax.Array]:
             obs=env_state.obs,
             action=action,
             log_prob=log_prob,
-            reward=next_state.reward * cfg.reward_scaling,
+            reward=next_state.reward * hyperparameter(ts, "reward_scaling"),
             done=next_state.done,
             truncation=next_state.info["truncation"],
             final_obs=next_state.info["final_obs"],
@@ -325,9 +339,13 @@ class _Sample:
 
 
 def ppo_loss(
-    params: Any, net: ActorCritic, batch: _Sample, cfg: PPOConfig
+    params: Any, net: ActorCritic, batch: _Sample, cfg: PPOConfig, hparams: dict[str, Any] | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Clipped surrogate + value loss - entropy bonus on one minibatch, and diagnostics."""
+    """Clipped surrogate + value loss - entropy bonus on one minibatch, and diagnostics.
+
+    ``hparams`` overrides ``cfg``'s ``clip_eps``, ``value_coef`` and ``entropy_coef`` (a row's own).
+    """
+    hp = {k: getattr(cfg, k) for k in ("clip_eps", "value_coef", "entropy_coef")} | dict(hparams or {})
     mean, log_std, value = net.apply(params, batch.obs)
     dist = distrax.MultivariateNormalDiag(mean, jnp.exp(log_std))
     log_ratio = dist.log_prob(batch.action) - batch.log_prob
@@ -335,18 +353,18 @@ def ppo_loss(
     advantage = batch.advantage
     if cfg.normalize_advantages:
         advantage = (advantage - advantage.mean()) / (advantage.std() + 1e-8)
-    clipped = jnp.clip(ratio, 1.0 - cfg.clip_eps, 1.0 + cfg.clip_eps)
+    clipped = jnp.clip(ratio, 1.0 - hp["clip_eps"], 1.0 + hp["clip_eps"])
     policy_loss = -jnp.minimum(ratio * advantage, clipped * advantage).mean()
     value_loss = 0.5 * jnp.square(value - batch.target).mean()
     entropy = dist.entropy().mean()
-    loss = policy_loss + cfg.value_coef * value_loss - cfg.entropy_coef * entropy
+    loss = policy_loss + hp["value_coef"] * value_loss - hp["entropy_coef"] * entropy
     aux = {
         "losses/policy_loss": policy_loss,
         "losses/value_loss": value_loss,
         "losses/entropy": entropy,
         # The low-variance estimator of KL(old || new) (Schulman's "k3").
         "losses/approx_kl": ((ratio - 1.0) - log_ratio).mean(),
-        "losses/clip_fraction": (jnp.abs(ratio - 1.0) > cfg.clip_eps).mean(),
+        "losses/clip_fraction": (jnp.abs(ratio - 1.0) > hp["clip_eps"]).mean(),
     }
     return loss, aux
 
@@ -378,10 +396,11 @@ def _learn(
     # The minibatch loop works on one flat parameter vector (raveled once per iteration, in
     # the order optax.flatten uses, so ``ts.opt_state`` fits as it is): no ravel of the
     # parameters and unravel of the updates in every step.
-    optimizer = _flat_optimizer(cfg)
+    optimizer = _flat_optimizer(cfg, hyperparameter(ts, "learning_rate"), hyperparameter(ts, "max_grad_norm"))
     flat_params, unravel = ravel_pytree(ts.params)
     batch_size = data.advantage.shape[0]
-    grad_fn = jax.value_and_grad(lambda flat, mb: ppo_loss(unravel(flat), net, mb, cfg), has_aux=True)
+    coefs = {k: hyperparameter(ts, k) for k in ("clip_eps", "value_coef", "entropy_coef")}
+    grad_fn = jax.value_and_grad(lambda flat, mb: ppo_loss(unravel(flat), net, mb, cfg, coefs), has_aux=True)
 
     def minibatch_step(carry, minibatch: _Sample):
         params, opt_state = carry
@@ -417,7 +436,8 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
         net.apply(ts.params, jnp.concatenate([obs, final_obs]), method=ActorCritic.value), 2
     )
     advantages, targets = compute_gae(
-        batch.reward, values, next_values, batch.done, batch.truncation, cfg.gamma, cfg.gae_lambda
+        batch.reward, values, next_values, batch.done, batch.truncation,
+        hyperparameter(ts, "gamma"), hyperparameter(ts, "gae_lambda"),
     )
     flat = lambda x: x.reshape((-1,) + x.shape[2:])  # noqa: E731
     data = _Sample(
@@ -442,7 +462,7 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
 
     target_var = jnp.var(targets)
     explained = jnp.where(target_var > 0, 1.0 - jnp.var(targets - values) / target_var, 0.0)
-    lr = _lr_schedule(cfg)(ts.iteration * cfg.updates_per_iteration)
+    lr = _lr_schedule(cfg, hyperparameter(ts, "learning_rate"))(ts.iteration * cfg.updates_per_iteration)
     metrics = {
         **episode_metrics(batch.done, batch.episode_return, batch.episode_length, batch.episode_success),
         "charts/learning_rate": lr,
@@ -465,6 +485,18 @@ METRIC_NAMES = (
     "losses/grad_norm",
 )
 
+#: Config fields a population may set per row (``lunarl.run.population``); none changes a shape.
+HYPERPARAMETERS = (
+    "learning_rate",
+    "entropy_coef",
+    "clip_eps",
+    "gae_lambda",
+    "gamma",
+    "reward_scaling",
+    "value_coef",
+    "max_grad_norm",
+)
+
 AGENT = Agent(
     name="ppo",
     config_class=PPOConfig,
@@ -474,4 +506,5 @@ AGENT = Agent(
     make_policy=make_policy,
     env_axes=env_axes,
     metric_names=METRIC_NAMES,
+    hyperparameters=HYPERPARAMETERS,
 )
