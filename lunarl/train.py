@@ -8,7 +8,9 @@ the same ``run.dir`` resumes from its latest checkpoint. Sweeps: ``-m seed=0,1,2
 Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint (run again to
 resume); 1 a bad config, override or checkpoint (one-line message naming the key or path);
 3 training diverged (NaN/inf; the last good checkpoint is kept); 4 every checkpoint of the run is
-damaged (the run dir is left as it was). A damaged latest checkpoint with an intact older one is
+damaged (the run dir is left as it was); 5 checkpoints that belong in ``s3://`` could not be
+uploaded within ``checkpoint.upload_timeout`` (they stay in ``<run.dir>/checkpoints``; running
+again with the same ``run.dir`` uploads them). A damaged latest checkpoint with an intact older one is
 moved aside to ``checkpoints/corrupt/`` and the run resumes from the older one.
 """
 
@@ -29,6 +31,7 @@ __all__ = ["main"]
 EXIT_CONFIG_ERROR = 1
 EXIT_DIVERGED = 3
 EXIT_NO_INTACT_CHECKPOINT = 4
+EXIT_UPLOAD_FAILED = 5
 
 register_schemas()
 
@@ -62,7 +65,7 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
 
     import jax
 
-    from lunarl.run.checkpoint import CheckpointError
+    from lunarl.run.checkpoint import CheckpointError, CheckpointUploadFailed
     from lunarl.run.preflight import preflight, state_bytes
     from lunarl.run.programs import state_shapes
 
@@ -91,6 +94,10 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
         train(plan, run_dir, config, logger)
     except NoIntactCheckpoint as e:
         code = EXIT_NO_INTACT_CHECKPOINT
+        logger.close(code)
+        fail("lunarl.train", str(e), code)
+    except CheckpointUploadFailed as e:
+        code = EXIT_UPLOAD_FAILED
         logger.close(code)
         fail("lunarl.train", str(e), code)
     except CheckpointError as e:

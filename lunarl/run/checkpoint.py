@@ -1,6 +1,6 @@
 """Orbax checkpoints of a run: the whole TrainState pytree plus the resolved config as JSON.
 
-Layout under ``checkpoint.dir`` (a local path or ``s3://bucket/prefix``, via etils.epath):
+Layout under ``checkpoint.dir`` (a local path; for ``s3://bucket/prefix`` see below):
 
     latest/<iteration>/{state, config, meta}   the last ``max_to_keep`` saves, for resume
     best/<iteration>/{state, config, meta}     the best-by-evaluation save (one)
@@ -15,13 +15,22 @@ inside a compressed chunk can decode to other numbers), so every restore recompu
 of what it read and compares it with the one saved in ``meta``. A checkpoint that cannot be read
 or does not match raises ``CheckpointDamaged`` naming the step and the reason; ``quarantine``
 moves it aside to ``corrupt/<step>`` (never deletes it), so the run can resume from an older one.
+
+Remote (``checkpoint.dir=s3://bucket/prefix``): Orbax writes to a local staging dir with the
+layout above (the train loop uses ``RUN_DIR/checkpoints``), and ``lunarl.run.remote`` mirrors
+``latest/`` and ``best/`` to the bucket, each step made visible by a ``COMMIT`` object written
+last. Opening the checkpoints of a run first downloads the newest committed remote steps that
+are newer than the local ones (a fresh machine starts with an empty staging dir); every read
+then works on the local copy, so the digest check and the quarantine work as for a local dir
+(``corrupt/`` stays local). Only JAX process 0 talks to S3.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -30,7 +39,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["CheckpointDamaged", "CheckpointError", "Checkpoints", "config_differences", "state_digest"]
+from lunarl.run.distributed import to_host
+from lunarl.run.remote import is_remote
+
+__all__ = [
+    "CheckpointDamaged",
+    "CheckpointError",
+    "CheckpointUploadFailed",
+    "Checkpoints",
+    "config_differences",
+    "state_digest",
+]
 
 # Config keys that must match for a checkpoint to be restored into the current run. Run-length,
 # logging and checkpoint settings may change between sessions (e.g. to extend a run).
@@ -58,6 +77,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing or does not fit the current run; the message names the path."""
 
 
+class CheckpointUploadFailed(CheckpointError):
+    """Checkpoints that should be in S3 are still only in the local staging dir (nothing lost)."""
+
+
 class CheckpointDamaged(CheckpointError):
     """A checkpoint's files cannot be read, or what they hold is not what was written."""
 
@@ -70,7 +93,7 @@ def state_digest(state: Any) -> str:
     """SHA-256 over every leaf's path, dtype, shape and bytes (host copy), in tree order."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        value = np.ascontiguousarray(jax.device_get(leaf))
+        value = np.ascontiguousarray(to_host(leaf))  # gathered from every process's shards
         digest.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
@@ -131,11 +154,39 @@ def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     return [f"{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (now)" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-class Checkpoints:
-    """Latest-K and best checkpoints of one run."""
+def _report_to_stderr(message: str) -> None:
+    print(f"lunarl: {message}", file=sys.stderr, flush=True)
 
-    def __init__(self, directory: str, max_to_keep: int = 3, create: bool = True):
-        self.directory = epath.Path(directory)
+
+class Checkpoints:
+    """Latest-K and best checkpoints of one run, in a local dir or mirrored to ``s3://``.
+
+    ``create``: a writer (the train loop): creates the dir and, for S3, uploads what it saves.
+    A reader (``create=False``, e.g. ``lunarl.evaluate``) never writes to the remote side.
+    ``staging``: the local dir of an ``s3://`` run (default: the user's cache dir, see
+    ``lunarl.run.remote.default_staging``). ``pull``: which checkpoints to download from S3
+    when the remote copy is newer (``latest``, ``best`` or an iteration). ``upload_timeout``:
+    seconds ``wait`` waits for pending uploads. ``report``: one-line notices (upload failures).
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        max_to_keep: int = 3,
+        create: bool = True,
+        staging: str | None = None,
+        pull: tuple[str | int, ...] = ("latest", "best"),
+        upload_timeout: float = 60.0,
+        report: Callable[[str], None] = _report_to_stderr,
+    ):
+        self.where = str(directory)  # what the user named: for messages
+        self.mirror = None
+        self.upload_timeout = upload_timeout
+        if is_remote(self.where):
+            local = self._open_remote(staging, pull, create, max_to_keep, report)
+            self.directory, create = epath.Path(local), True
+        else:
+            self.directory = epath.Path(directory)
         if not create and not self.directory.exists():
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
         self.latest = ocp.CheckpointManager(
@@ -145,6 +196,53 @@ class Checkpoints:
         self.best = ocp.CheckpointManager(
             self.directory / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
         )
+        if self.mirror is not None:
+            self.mirror.start()  # uploads what an earlier session of the run left only local
+
+    def _open_remote(
+        self, staging: str | None, pull: tuple[str | int, ...], writer: bool, max_to_keep: int, report: Callable[[str], None]
+    ) -> str:
+        """Download what ``pull`` asks for (process 0; the others wait for it) and, for a writer
+        on process 0, set up the mirror. Returns the local staging dir."""
+        from pathlib import Path
+
+        from lunarl.run import remote
+
+        try:
+            local = Path(staging) if staging is not None else remote.default_staging(self.where)
+            store = remote.S3Store(self.where) if jax.process_index() == 0 else None
+        except (ValueError, ImportError) as e:
+            raise CheckpointError(str(e)) from None
+        if store is not None:
+            try:
+                for which in pull:
+                    self._pull(store, local, which, report)
+            except remote.RemoteUnavailable as e:
+                raise CheckpointError(
+                    f"cannot read the checkpoints in {self.where} ({e}); check the bucket name, "
+                    "AWS_ENDPOINT_URL and the AWS credentials"
+                ) from None
+            if writer:
+                keep = {"latest": max_to_keep, "best": 1}
+                self.mirror = remote.Mirror(store, local, keep, report)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("lunarl-checkpoints-pulled")
+        return str(local)
+
+    @staticmethod
+    def _pull(store: Any, local: Any, which: str | int, report: Callable[[str], None]) -> None:
+        from lunarl.run import remote
+
+        if which in ("latest", "best"):
+            have = max(remote.local_steps(local / str(which)), default=-1)
+            newer = [s for s in reversed(store.committed(str(which))) if s > have]
+            remote.pull(store, local, str(which), newer, report)
+        else:
+            step = int(which)
+            if step in store.committed("latest"):
+                remote.pull(store, local, "latest", [step], report)
 
     # ---- saving ------------------------------------------------------------------------------
 
@@ -161,7 +259,11 @@ class Checkpoints:
         if step in self.latest.all_steps():
             return
         meta = {**meta, "state_sha256": state_digest(state)}
+        if self.mirror is not None:
+            self.mirror.expect("latest", step)
         self.latest.save(step, args=self._args(state, config, meta), force=True)
+        if self.mirror is not None:
+            self.mirror.request()
 
     def best_score(self) -> float:
         """The saved best checkpoint's score; raises ``CheckpointDamaged`` if it cannot be read."""
@@ -175,13 +277,18 @@ class Checkpoints:
         if not score > self.best_score() or step in self.best.all_steps():
             return False
         meta = {**meta, "score": score, "state_sha256": state_digest(state)}
+        if self.mirror is not None:
+            self.mirror.expect("best", step)
         self.best.save(step, args=self._args(state, config, meta), force=True)
+        if self.mirror is not None:
+            self.mirror.request()
         return True
 
     def quarantine(self, which: str, step: int) -> epath.Path:
         """Move checkpoint ``which``/``step`` aside to ``corrupt/<step>`` (a free name), never
-        deleting it, so the managers no longer see it. Returns where it went."""
-        self.wait()
+        deleting it, so the managers no longer see it. Returns where it went. (A remote copy
+        stays; the next save of that iteration replaces it.)"""
+        self._wait_local()
         manager = self.best if which == "best" else self.latest
         dest_dir = self.directory / "corrupt"
         dest_dir.mkdir(parents=True, exist_ok=True)
@@ -193,13 +300,29 @@ class Checkpoints:
         manager.reload()
         return dest
 
-    def wait(self) -> None:
+    def _wait_local(self) -> None:
         self.latest.wait_until_finished()
         self.best.wait_until_finished()
+        if self.mirror is not None:
+            self.mirror.settled()
+
+    def wait(self) -> None:
+        """Until every save is on disk and, for S3, uploaded; ``CheckpointUploadFailed`` when the
+        uploads still fail after ``upload_timeout`` seconds (the local copies stay)."""
+        self._wait_local()
+        if self.mirror is not None:
+            from lunarl.run.remote import UploadFailed
+
+            try:
+                self.mirror.flush(self.upload_timeout)
+            except UploadFailed as e:
+                raise CheckpointUploadFailed(str(e)) from None
 
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+        if self.mirror is not None:
+            self.mirror.close()
 
     # ---- reading -----------------------------------------------------------------------------
 
@@ -219,11 +342,11 @@ class Checkpoints:
             manager = self.latest
             if step not in manager.all_steps():
                 raise CheckpointError(
-                    f"no checkpoint for iteration {step} in {self.directory / 'latest'}; "
+                    f"no checkpoint for iteration {step} in {self.where}/latest; "
                     f"available: {sorted(manager.all_steps())}"
                 )
         if step is None:
-            raise CheckpointError(f"no {which} checkpoint in {self.directory / which}")
+            raise CheckpointError(f"no {which} checkpoint in {self.where}/{which}")
         return manager, step
 
     def step_of(self, which: str | int) -> int:

@@ -38,7 +38,7 @@ def fail(app: str, message: str, code: int = 1) -> NoReturn:
 def quiet_libraries() -> None:
     """Orbax and absl log every save at INFO, and JAX reports the TPU backend it did not find on
     every CPU/GPU machine; the console belongs to lunarl's own progress output."""
-    for name in ("absl", "orbax"):
+    for name in ("absl", "orbax", "botocore", "boto3", "s3transfer"):  # boto: "Found credentials in ..."
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
 

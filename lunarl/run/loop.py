@@ -72,7 +72,11 @@ def train(plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogge
     with every checkpoint. Raises ``TrainingDiverged`` and ``CheckpointError``."""
     cfg, total, every = plan.cfg, plan.total_iterations, plan.cfg.run.log_every
     env, agent = plan.env_and_agent()
-    ckpts = Checkpoints(cfg.checkpoint.dir, cfg.checkpoint.max_to_keep)
+    # An s3:// checkpoint.dir is staged in RUN_DIR/checkpoints (lunarl.run.remote).
+    ckpts = Checkpoints(
+        cfg.checkpoint.dir, cfg.checkpoint.max_to_keep, staging=str(run_dir / "checkpoints"),
+        upload_timeout=cfg.checkpoint.upload_timeout, report=logger.print,
+    )  # fmt: skip
     videos = VideoRecorder(agent, env, plan.agent_config, cfg.run.video_format) if cfg.run.video_every else None
     run = _Run(plan, env, agent, Placement.for_seeds(cfg.num_seeds), ckpts, logger, config, run_dir, videos)
     try:
@@ -108,12 +112,12 @@ def train(plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogge
         if status == "interrupted":
             logger.print(
                 f"stopped by {stop.requested} at iteration {iteration}/{total}; checkpoint saved in "
-                f"{ckpts.directory}. Run again with run.dir={run_dir} to resume."
+                f"{ckpts.where}. Run again with run.dir={run_dir} to resume."
             )
         else:
             logger.print(
                 f"finished {total} iterations ({total * plan.steps_per_iteration:,} env steps per seed); "
-                f"checkpoints in {ckpts.directory}"
+                f"checkpoints in {ckpts.where}"
             )
         return TrainResult(status, iteration, run.meta(iteration)["global_step"], ts)
     finally:
@@ -153,7 +157,7 @@ def _resume_or_init(run: _Run) -> tuple[Any, int]:
         run.logger.tensorboard.purge_after(meta["global_step"])
     run.logger.print(
         f"resuming from checkpoint at iteration {start} (env step {meta['global_step']:,}) "
-        f"in {run.ckpts.directory}" + (f"; dropped {dropped} metric rows logged after it" if dropped else "")
+        f"in {run.ckpts.where}" + (f"; dropped {dropped} metric rows logged after it" if dropped else "")
     )
     return ts, start
 

@@ -66,15 +66,23 @@ def preflight(plan: Plan, run_dir: Path, state_size: int) -> None:
     """
     _check_existing_config(run_dir)
     _writable_dir(run_dir, "run.dir")
-    ckpt = plan.cfg.checkpoint.dir
-    if "://" in ckpt:  # remote storage is checked by its own client when it is first used
-        return
+    ckpt, key = plan.cfg.checkpoint.dir, "checkpoint.dir"
+    if "://" in ckpt:
+        # S3 is reached when the checkpoints are opened (credentials and bucket are checked
+        # there); Orbax writes to the staging dir first, so that is what needs room.
+        from lunarl.run.remote import parse_s3_url
+
+        try:
+            parse_s3_url(ckpt)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        ckpt, key = str(run_dir / "checkpoints"), "the staging dir of the s3:// checkpoint.dir"
     ckpt_dir = Path(ckpt)
-    _writable_dir(ckpt_dir, "checkpoint.dir")
+    _writable_dir(ckpt_dir, key)
     free = shutil.disk_usage(ckpt_dir).free
     needed = 2 * state_size
     if free < needed:
         raise ConfigError(
-            f"checkpoint.dir={ckpt_dir} has {_human(free)} free; two checkpoints of this run's state "
+            f"{key}={ckpt_dir} has {_human(free)} free; two checkpoints of this run's state "
             f"need up to {_human(needed)} (lower env.num_envs or the agent's buffer sizes, or free space)"
         )

@@ -53,13 +53,16 @@ def checkpoint_dir_of(run_dir: Path) -> str:
     return directory
 
 
-def restore_run(checkpoint_dir: str, which: str | int = "latest") -> SavedRun:
+def restore_run(checkpoint_dir: str, which: str | int = "latest", staging: str | None = None) -> SavedRun:
     """Restore checkpoint ``which`` (latest, best or an iteration) of the run in ``checkpoint_dir``.
 
-    Raises ``CheckpointError`` (missing or unfit checkpoint) and ``ConfigError`` (a saved config
-    this version cannot read), each naming the path or key.
+    An ``s3://`` dir is read through a local copy: that checkpoint is downloaded into ``staging``
+    (default: ``~/.cache/lunarl/s3/<bucket>/<prefix>``) unless it is there already; nothing is
+    written to the bucket. Raises ``CheckpointError`` (missing or unfit checkpoint, unreachable
+    bucket) and ``ConfigError`` (a saved config this version cannot read), each naming the path
+    or key.
     """
-    ckpts = Checkpoints(checkpoint_dir, create=False)
+    ckpts = Checkpoints(checkpoint_dir, create=False, staging=staging, pull=(which,))
     try:
         plan = validate_train(OmegaConf.create(ckpts.read(which, "config")))
         env, agent = plan.env_and_agent()

@@ -77,6 +77,9 @@ class CheckpointSchema:
     max_to_keep: int = bounded(3, 1)
     # Keep a separate best-by-evaluation checkpoint (needs run.eval_every > 0).
     keep_best: bool = True
+    # s3:// only: seconds the end of a run (or a SIGTERM stop) waits for uploads still pending
+    # before it exits with code 5; the checkpoints stay in <run.dir>/checkpoints either way.
+    upload_timeout: float = bounded(60.0, 0.0)
 
 
 @dataclass

@@ -1,0 +1,445 @@
+"""Checkpoints mirrored to S3: Orbax writes to a local staging dir, this module copies finished
+steps up and back down.
+
+Orbax 0.12 cannot write to ``s3://`` itself (google/orbax#359), and a checkpoint half-written
+straight into object storage would be visible to a resume. So a step becomes visible remotely
+only once it is complete:
+
+    s3://bucket/prefix/<which>/<step>/<files as Orbax wrote them>
+    s3://bucket/prefix/<which>/<step>/COMMIT     written last: JSON manifest {file: size, sha256}
+
+``which`` is ``latest`` or ``best``. A step without ``COMMIT`` does not exist for a reader (an
+upload cut short, or a deletion half done: deletion removes ``COMMIT`` first). A download checks
+every file against the manifest and is renamed into place only when all match.
+
+``Mirror`` keeps the remote side equal to the newest ``keep`` steps of (local steps and committed
+remote steps) for each ``which``, in a background thread: training never waits for an upload,
+old steps are deleted remotely after the new one is committed, and a step whose upload fails
+stays local and is retried with backoff (every new save also retries at once). ``flush`` waits
+for it, up to a deadline, and raises ``UploadFailed`` naming the bucket and step if the endpoint
+never answered.
+
+Credentials, region, endpoint and retries come from boto3's standard chain (environment,
+``~/.aws``, instance role; ``AWS_ENDPOINT_URL`` for an S3-compatible server; ``AWS_MAX_ATTEMPTS``
+and ``AWS_RETRY_MODE``), never from lunarl's config, and nothing here logs them.
+
+Multi-host: only the process that calls this (process 0, see ``lunarl.run.checkpoint``) uploads
+and downloads; the staging dir must then be on a filesystem every process shares, as Orbax's
+multi-host save needs anyway.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "COMMIT",
+    "Mirror",
+    "RemoteUnavailable",
+    "S3Location",
+    "S3Store",
+    "UploadFailed",
+    "default_staging",
+    "is_remote",
+    "local_steps",
+    "parse_s3_url",
+    "pull",
+]
+
+COMMIT = "COMMIT"  # the marker object, written last; its body is the step's manifest
+FORMAT = "lunarl-checkpoint-mirror/1"
+RECORDS = ".s3-commits"  # in the staging dir: the COMMIT of each local step known to be uploaded
+DOWNLOADS = ".s3-download"  # in the staging dir: steps being downloaded, renamed into place when whole
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
+
+
+class RemoteUnavailable(RuntimeError):
+    """The endpoint could not be reached or refused a request (after boto3's own retries)."""
+
+
+class UploadFailed(RuntimeError):
+    """Steps are still only local when ``Mirror.flush``'s deadline passed."""
+
+
+def is_remote(directory: str) -> bool:
+    return "://" in str(directory)
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Location:
+    bucket: str
+    prefix: str  # without leading or trailing "/", may be ""
+
+    def key(self, *parts: str | int) -> str:
+        return "/".join(str(p) for p in (self.prefix, *parts) if str(p))
+
+    def url(self, *parts: str | int) -> str:
+        return f"s3://{self.bucket}/{self.key(*parts)}".rstrip("/")
+
+
+def parse_s3_url(url: str) -> S3Location:
+    """``s3://bucket/prefix`` as bucket and prefix; ``ValueError`` naming the URL otherwise."""
+    scheme, sep, rest = str(url).partition("://")
+    if scheme != "s3" or not sep:
+        raise ValueError(f"checkpoint.dir={url}: only s3://bucket/prefix is supported as remote storage")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"checkpoint.dir={url} names no bucket (use s3://bucket/prefix)")
+    return S3Location(bucket, prefix.strip("/"))
+
+
+def default_staging(url: str) -> Path:
+    """Where a reader (``lunarl.evaluate``) keeps the steps it downloads: the user's cache dir."""
+    where = parse_s3_url(url)
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "lunarl" / "s3" / where.bucket / (where.prefix or "_")
+
+
+def local_steps(directory: Path) -> set[int]:
+    """Finished Orbax steps in ``directory``: Orbax writes a step under a temporary name and
+    renames it to the bare number when it is complete."""
+    try:
+        return {int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()}
+    except FileNotFoundError:
+        return set()
+
+
+def _one_line(err: BaseException) -> str:
+    from botocore.exceptions import ClientError
+
+    if isinstance(err, ClientError):
+        error = err.response.get("Error", {})
+        text = f"{error.get('Code', 'error')}: {error.get('Message', '')}".rstrip(": ")
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())[:240]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(step_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {size, sha256}}`` of every file under ``step_dir``; ``FileNotFoundError``
+    when Orbax deletes the step meanwhile (it was older than the ones it keeps)."""
+    files = {}
+    for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+        files[path.relative_to(step_dir).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    if not step_dir.is_dir():
+        raise FileNotFoundError(step_dir)
+    return files
+
+
+class S3Store:
+    """The remote layout above, through one boto3 client (thread-safe, shared by both threads)."""
+
+    def __init__(self, url: str):
+        self.where = parse_s3_url(url)
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise ImportError(f"checkpoint.dir={url} needs boto3: pip install -e '.[s3]'") from None
+        # The standard retry mode backs off exponentially with jitter; AWS_MAX_ATTEMPTS /
+        # AWS_RETRY_MODE override these defaults as for any AWS tool.
+        retries = {
+            "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+            "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
+        }
+        config = Config(retries=retries, connect_timeout=10, read_timeout=60)
+        self.client = boto3.session.Session().client("s3", config=config)
+
+    def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kwargs)
+        except (BotoCoreError, ClientError) as e:
+            raise RemoteUnavailable(f"{what}: {_one_line(e)}") from None
+
+    def listing(self, which: str) -> dict[int, bool]:
+        """Every step with at least one object under ``<which>/``, and whether it is committed."""
+        steps: dict[int, bool] = {}
+        base = self.where.key(which) + "/"
+        token: dict[str, str] = {}
+        while True:
+            page = self._call(
+                f"listing {self.where.url(which)}",
+                self.client.list_objects_v2, Bucket=self.where.bucket, Prefix=base, **token,
+            )  # fmt: skip
+            for obj in page.get("Contents", []):
+                step, _, rest = obj["Key"][len(base):].partition("/")
+                if step.isdigit():
+                    steps[int(step)] = steps.get(int(step), False) or rest == COMMIT
+            if not page.get("IsTruncated"):
+                return steps
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def committed(self, which: str) -> list[int]:
+        return sorted(s for s, done in self.listing(which).items() if done)
+
+    def read_commit(self, which: str, step: int) -> dict[str, Any]:
+        key = self.where.key(which, step, COMMIT)
+        body = self._call(f"reading {self.where.url(which, step, COMMIT)}", self.client.get_object,
+                          Bucket=self.where.bucket, Key=key)["Body"].read()
+        return json.loads(body)
+
+    def upload(self, which: str, step: int, step_dir: Path) -> dict[str, Any]:
+        """Copy ``step_dir`` to ``<which>/<step>/`` and commit it; returns the COMMIT written.
+        A step already there (committed or not) is deleted first, so no stale file survives."""
+        files = _manifest(step_dir)
+        self.delete(which, step)
+        where = f"uploading iteration {step} to {self.where.url(which, step)}"
+        for rel in files:
+            self._call(where, self.client.upload_file, Filename=str(step_dir / rel),
+                       Bucket=self.where.bucket, Key=self.where.key(which, step, rel))
+        commit = {"format": FORMAT, "which": which, "step": step, "files": files}
+        self._call(where, self.client.put_object, Bucket=self.where.bucket,
+                   Key=self.where.key(which, step, COMMIT), Body=json.dumps(commit, sort_keys=True).encode())
+        return commit
+
+    def delete(self, which: str, step: int) -> None:
+        """Remove a remote step, ``COMMIT`` first so a reader never sees it half deleted."""
+        where = f"deleting {self.where.url(which, step)}"
+        base = self.where.key(which, step) + "/"
+        self._call(where, self.client.delete_object, Bucket=self.where.bucket, Key=base + COMMIT)
+        while True:
+            page = self._call(where, self.client.list_objects_v2, Bucket=self.where.bucket, Prefix=base)
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if not keys:
+                return
+            self._call(where, self.client.delete_objects, Bucket=self.where.bucket, Delete={"Objects": keys, "Quiet": True})
+
+    def download(self, which: str, step: int, dest: Path, scratch: Path) -> dict[str, Any] | str:
+        """Download committed step ``which/step`` into ``dest`` (which must not exist), checking
+        every file against its manifest. Returns the COMMIT, or why the step is unusable."""
+        commit = self.read_commit(which, step)
+        tmp = scratch / f"{which}-{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        where = f"downloading {self.where.url(which, step)}"
+        try:
+            for rel, want in commit["files"].items():
+                path = tmp / rel
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._call(where, self.client.download_file, Bucket=self.where.bucket,
+                           Key=self.where.key(which, step, rel), Filename=str(path))
+                if path.stat().st_size != want["size"] or _sha256(path) != want["sha256"]:
+                    return f"{rel} does not match the manifest in its COMMIT"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return commit
+
+
+class Mirror:
+    """Keeps ``store`` equal to the newest ``keep[which]`` steps of (the steps under
+    ``root/<which>`` and the committed remote ones), in a daemon thread.
+
+    ``expect(which, step)`` after starting an (asynchronous) Orbax save: the thread polls until
+    the step is finished on disk, then uploads it. ``settled()`` once Orbax has no save in flight.
+    ``report`` gets one line when uploads start failing and one when they work again.
+    """
+
+    def __init__(self, store: S3Store, root: Path, keep: dict[str, int], report: Callable[[str], None]):
+        self.store, self.root, self.keep, self.report = store, Path(root), dict(keep), report
+        self._cond = threading.Condition()
+        self._wake = threading.Event()
+        self._requested = self._synced = 0  # generations: sync requests, and the last one done
+        self._expected: dict[str, int] = {}
+        self._confirmed: dict[tuple[str, int], dict] = {}  # (which, step) -> files, known uploaded
+        self._error: str | None = None  # the last failure, while uploads are failing
+        self._failures = 0
+        self._flushing = self._closed = False
+        self._flush_error: str | None = None
+        self._thread = threading.Thread(target=self._run, name="lunarl-s3-mirror", daemon=True)
+
+    # ---- main thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+        self.request()
+
+    def request(self) -> None:
+        with self._cond:
+            self._requested += 1
+        self._wake.set()
+
+    def expect(self, which: str, step: int) -> None:
+        """A save of ``which/step`` is under way: forget any earlier upload of that step number."""
+        with self._cond:
+            self._expected[which] = step
+            self._confirmed.pop((which, step), None)
+            self._flush_error = None
+        (self.root / RECORDS / f"{which}-{step}.json").unlink(missing_ok=True)
+        self.request()
+
+    def settled(self) -> None:
+        with self._cond:
+            self._expected.clear()
+
+    def pending(self) -> list[tuple[str, int]]:
+        """Local steps the remote side should hold and does not (yet)."""
+        out = []
+        for which, keep in self.keep.items():
+            local = local_steps(self.root / which)
+            for step in sorted(local, reverse=True)[:keep]:
+                if (which, step) not in self._confirmed:
+                    out.append((which, step))
+        return out
+
+    def flush(self, timeout: float) -> None:
+        """Wait until every finished local step that belongs remotely is committed there. Raises
+        ``UploadFailed`` (one line naming the bucket and the steps) after ``timeout`` seconds of
+        failing; a second call with no save in between raises nothing (already reported)."""
+        if self._flush_error is not None:
+            return
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._requested += 1
+            wanted = self._requested
+            self._flushing = True
+        self._wake.set()
+        try:
+            with self._cond:
+                while self._synced < wanted and time.monotonic() < deadline and self._thread.is_alive():
+                    self._cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+                done = self._synced >= wanted
+                error = self._error
+        finally:
+            self._flushing = False
+        if done:
+            return
+        pending = self.pending()
+        steps = ", ".join(f"{w} {s}" for w, s in pending) or "none"
+        self._flush_error = (
+            f"could not upload checkpoints to {self.store.where.url()} within checkpoint.upload_timeout="
+            f"{timeout:g}s ({error or 'no answer'}); still only local, in {self.root}: {steps}. "
+            "Nothing is lost: run the same command again (same run.dir) once the endpoint answers to upload them"
+        )
+        raise UploadFailed(self._flush_error)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=5)
+
+    # ---- the thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay: float | None = None
+        while True:
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._closed:
+                return
+            with self._cond:
+                generation = self._requested
+            try:
+                busy = self._sync()
+            except RemoteUnavailable as e:
+                self._failed(str(e))
+                delay = 1.0 if self._flushing else min(2.0**self._failures, 30.0)
+                continue
+            except Exception as e:  # never let the thread die silently: report and retry
+                self._failed(f"{type(e).__name__}: {e}")
+                delay = min(2.0**self._failures, 30.0)
+                continue
+            if self._failures:
+                self.report(f"S3 answers again: checkpoints mirrored to {self.store.where.url()} after {self._failures} failed tries")
+            self._failures, self._error = 0, None
+            if busy:
+                delay = 0.1  # a save is being written: look again shortly
+                continue
+            delay = None
+            with self._cond:
+                self._synced = max(self._synced, generation)
+                self._cond.notify_all()
+
+    def _failed(self, reason: str) -> None:
+        self._failures += 1
+        self._error = reason
+        if self._failures == 1:
+            self.report(
+                f"warning: S3 checkpoint mirror failed ({reason}); training continues, checkpoints stay "
+                f"in {self.root} and are uploaded once the endpoint answers (retrying with backoff)"
+            )
+
+    def _sync(self) -> bool:
+        """One pass over latest and best; True while an expected save is not finished on disk."""
+        busy = False
+        for which, keep in self.keep.items():
+            with self._cond:
+                expected = self._expected.get(which)
+            local = local_steps(self.root / which)
+            if expected is not None and expected not in local:
+                busy = True
+            remote = self.store.listing(which)
+            committed = {s for s, done in remote.items() if done}
+            wanted = sorted(local | committed, reverse=True)[:keep]
+            for step in wanted:  # newest first
+                if step in local and not self._is_uploaded(which, step, step in committed):
+                    self._upload(which, step)
+            for step in remote:
+                if step not in wanted:
+                    self.store.delete(which, step)
+                    (self.root / RECORDS / f"{which}-{step}.json").unlink(missing_ok=True)
+        return busy
+
+    def _is_uploaded(self, which: str, step: int, committed: bool) -> bool:
+        if (which, step) in self._confirmed:
+            return True
+        record = self.root / RECORDS / f"{which}-{step}.json"
+        if not committed or not record.is_file():
+            return False
+        # Uploaded by an earlier session of this run: the same COMMIT as the one written then.
+        if json.loads(record.read_text()) != self.store.read_commit(which, step):
+            return False
+        self._confirmed[(which, step)] = {}
+        return True
+
+    def _upload(self, which: str, step: int) -> None:
+        try:
+            commit = self.store.upload(which, step, self.root / which / str(step))
+        except FileNotFoundError:
+            # Orbax deleted the step meanwhile (it kept newer ones); its COMMIT was never written.
+            # (Reading a file being deleted under a POSIX open handle gives whole bytes.)
+            self.store.delete(which, step)
+            return
+        records = self.root / RECORDS
+        records.mkdir(parents=True, exist_ok=True)
+        (records / f"{which}-{step}.json").write_text(json.dumps(commit, sort_keys=True))
+        with self._cond:
+            self._confirmed[(which, step)] = commit["files"]
+
+
+def pull(store: S3Store, root: Path, which: str, steps: Iterable[int], report: Callable[[str], None]) -> int | None:
+    """Download the first of ``steps`` (committed remote steps, in order of preference) that
+    arrives intact into ``root/<which>/<step>``; returns it, or None when none did. A step whose
+    files do not match its manifest is reported and skipped."""
+    for step in steps:
+        dest = root / which / str(step)
+        if dest.exists():
+            return step
+        got = store.download(which, step, dest, root / DOWNLOADS)
+        if isinstance(got, str):
+            report(f"warning: skipping {store.where.url(which, step)}: {got}")
+            continue
+        records = root / RECORDS
+        records.mkdir(parents=True, exist_ok=True)
+        (records / f"{which}-{step}.json").write_text(json.dumps(got, sort_keys=True))
+        return step
+    return None
