@@ -6,7 +6,8 @@ the same ``run.dir`` resumes from its latest checkpoint. Sweeps: ``-m seed=0,1,2
 ``<run.dir>/<job number>``; wandb groups them by ``logger.wandb.group``, the experiment name).
 
 Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint (run again to
-resume); 1 a bad config, override or checkpoint (one-line message naming the key or path);
+resume; ``run.stop_exit_code`` makes such a stop exit with another code, for schedulers that
+retry on it); 1 a bad config, override or checkpoint (one-line message naming the key or path);
 3 training diverged (NaN/inf; the last good checkpoint is kept); 4 every checkpoint of the run is
 damaged (the run dir is left as it was); 5 checkpoints that belong in ``s3://`` could not be
 uploaded within ``checkpoint.upload_timeout`` (they stay in ``<run.dir>/checkpoints``; running
@@ -23,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from lunarl.run.cli import fail, quiet_libraries, release_stderr, run_app
+from lunarl.run.cli import StoppedExit, fail, quiet_libraries, release_stderr, run_app
 from lunarl.run.schema import ConfigError, TrainSchema, register_schemas, validate_train
 
 __all__ = ["main"]
@@ -91,7 +92,8 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
     logger.print(f"lunarl.train on {jax.default_backend()} ({jax.device_count()} device(s)), run dir {run_dir}")
     code = 0
     try:
-        train(plan, run_dir, config, logger)
+        if train(plan, run_dir, config, logger).status == "interrupted":
+            code = plan.cfg.run.stop_exit_code
     except NoIntactCheckpoint as e:
         code = EXIT_NO_INTACT_CHECKPOINT
         logger.close(code)
@@ -108,7 +110,7 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
         code = EXIT_DIVERGED
         logger.close(code)
         fail("lunarl.train", str(e), code)
-    logger.close(code)
+    logger.close(0)  # a stop with its checkpoint is no failure, whatever code the scheduler wants
     return code
 
 
@@ -119,7 +121,9 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     label = run_dir.name if hc.mode == RunMode.RUN else f"{run_dir.parent.name}/{run_dir.name}"
-    run(cfg, run_dir, label)
+    code = run(cfg, run_dir, label)
+    if code and hc.mode == RunMode.RUN:  # a multirun goes on with its next job
+        raise StoppedExit(code)
 
 
 if __name__ == "__main__":

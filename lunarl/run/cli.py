@@ -22,7 +22,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["fail", "known_keys", "normalize_overrides", "quiet_libraries", "release_stderr", "run_app"]
+__all__ = ["StoppedExit", "fail", "known_keys", "normalize_overrides", "quiet_libraries", "release_stderr", "run_app"]
+
+
+class StoppedExit(SystemExit):
+    """An exit code that reports no error: a run stopped by a signal after its checkpoint, with the
+    code a scheduler retries on (``run.stop_exit_code``). ``run_app`` keeps the run dir's files."""
 
 
 def fail(app: str, message: str, code: int = 1) -> NoReturn:
@@ -257,10 +262,11 @@ def run_app(app: str, hydra_main: Callable[[], Any], schema: type, appended_grou
         hydra_main()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        if _held.held is not None and code:
+        failed = bool(code) and not isinstance(e, StoppedExit)
+        if _held.held is not None and failed:
             text = _held.release()
             print(f"{app}: error: {one_line_hydra_error(text, keys)}", file=real, flush=True)
-        if hydra_files is not None and code:
+        if hydra_files is not None and failed:
             logging.shutdown()  # Hydra's train.log handler writes nothing more
             hydra_files.restore()
     finally:

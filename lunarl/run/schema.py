@@ -69,6 +69,9 @@ class RunSchema:
     coordinator_address: str | None = None  # host:port of process 0
     num_processes: int | None = bounded(None, 1)
     process_id: int | None = bounded(None, 0)
+    # Exit code of a run stopped by SIGINT/SIGTERM after its checkpoint (0 = same as finished).
+    # Schedulers that retry on an exit code set it, e.g. 75 on AWS Batch and in slurm/.
+    stop_exit_code: int = bounded(0, 0, 255)
 
 
 @dataclass
