@@ -66,6 +66,33 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
 
     import jax
 
+    from lunarl.run import distributed
+
+    try:
+        # Before anything touches a JAX backend (building some envs does).
+        distributed.initialize(plan.cfg.run)
+    except ConfigError as e:
+        _remove_if_empty_run(run_dir)
+        fail("lunarl.train", str(e), EXIT_CONFIG_ERROR)
+
+    from lunarl.run.placement import MeshTooWide, Placement
+
+    try:
+        placement = Placement.for_run(
+            plan.cfg.num_seeds, plan.agent_config.num_envs, distributed.select_devices(plan.cfg.run.devices)
+        )
+    except ConfigError as e:
+        _remove_if_empty_run(run_dir)
+        fail("lunarl.train", str(e), EXIT_CONFIG_ERROR)
+    except MeshTooWide as e:
+        _remove_if_empty_run(run_dir)
+        fail(
+            "lunarl.train",
+            f"env.num_envs={plan.agent_config.num_envs} (agent.num_envs) must be a multiple of the data axis: "
+            f"{e}; change env.num_envs or run.devices={plan.cfg.run.devices}",
+            EXIT_CONFIG_ERROR,
+        )
+
     from lunarl.run.checkpoint import CheckpointError, CheckpointUploadFailed
     from lunarl.run.preflight import preflight, state_bytes
     from lunarl.run.programs import state_shapes
@@ -80,19 +107,26 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
     from lunarl.run.logger import ConsoleProgress, JsonlWriter, RunLogger, TensorBoardLogger, WandbLogger
     from lunarl.run.loop import NoIntactCheckpoint, TrainingDiverged, train
 
+    # Only process 0 logs (console, metrics.jsonl, wandb, TensorBoard); the others compute.
+    primary = distributed.is_primary()
     wb = plan.cfg.logger.wandb
     logger = RunLogger(
-        JsonlWriter(run_dir / "metrics.jsonl"),
-        WandbLogger(wb.mode, wb.project, wb.entity, wb.group, wb.tags, f"{plan.cfg.name}:{job_label}", run_dir, config),
+        JsonlWriter(run_dir / "metrics.jsonl", enabled=primary),
+        WandbLogger(
+            wb.mode if primary else "disabled", wb.project, wb.entity, wb.group, wb.tags,
+            f"{plan.cfg.name}:{job_label}", run_dir, config,
+        ),  # fmt: skip
         ConsoleProgress(
-            plan.total_iterations * plan.steps_per_iteration, 0, plan.cfg.logger.console, plan.cfg.num_seeds
+            plan.total_iterations * plan.steps_per_iteration, 0, plan.cfg.logger.console and primary, plan.cfg.num_seeds
         ),
-        TensorBoardLogger(run_dir / "tensorboard") if plan.cfg.logger.tensorboard else None,
+        TensorBoardLogger(run_dir / "tensorboard") if plan.cfg.logger.tensorboard and primary else None,
+        quiet=not primary,
     )
-    logger.print(f"lunarl.train on {jax.default_backend()} ({jax.device_count()} device(s)), run dir {run_dir}")
+    processes = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    logger.print(f"lunarl.train on {jax.default_backend()} ({jax.device_count()} device(s){processes}), run dir {run_dir}")
     code = 0
     try:
-        if train(plan, run_dir, config, logger).status == "interrupted":
+        if train(plan, run_dir, config, logger, placement).status == "interrupted":
             code = plan.cfg.run.stop_exit_code
     except NoIntactCheckpoint as e:
         code = EXIT_NO_INTACT_CHECKPOINT

@@ -39,6 +39,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lunarl.run.distributed import to_host
 from lunarl.run.remote import is_remote
 
 __all__ = [
@@ -92,7 +93,7 @@ def state_digest(state: Any) -> str:
     """SHA-256 over every leaf's path, dtype, shape and bytes (host copy), in tree order."""
     digest = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        value = np.ascontiguousarray(jax.device_get(leaf))
+        value = np.ascontiguousarray(to_host(leaf))  # gathered from every process's shards
         digest.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()

@@ -26,15 +26,18 @@ __all__ = ["ConsoleProgress", "JsonlWriter", "RunLogger", "TensorBoardLogger", "
 
 
 class JsonlWriter:
-    """Append-only ``metrics.jsonl``; one JSON object per line."""
+    """Append-only ``metrics.jsonl``; one JSON object per line. With ``enabled=False`` (every
+    process but 0 of a multi-process run) it writes and drops nothing."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def drop_after(self, iteration: int) -> int:
         """On resume: remove rows logged after the checkpoint we restart from. Returns how many."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return 0
         rows = self.path.read_text().splitlines()
         keep = [r for r in rows if r.strip() and json.loads(r).get("iteration", 0) <= iteration]
@@ -42,6 +45,8 @@ class JsonlWriter:
         return len(rows) - len(keep)
 
     def write(self, row: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(_finite(row)) + "\n")
 
@@ -197,7 +202,8 @@ class ConsoleProgress:
 
 
 class RunLogger:
-    """The three sinks together; ``log`` sends one row to all of them."""
+    """The sinks together; ``log`` sends one row to all of them. ``quiet`` silences ``print``
+    (the processes other than 0 of a multi-process run, whose sinks are all off)."""
 
     def __init__(
         self,
@@ -205,7 +211,9 @@ class RunLogger:
         wandb_logger: WandbLogger,
         console: ConsoleProgress,
         tensorboard: TensorBoardLogger | None = None,
+        quiet: bool = False,
     ):
+        self.quiet = quiet
         self.jsonl = jsonl
         self.wandb = wandb_logger
         self.console = console
@@ -222,7 +230,8 @@ class RunLogger:
             self.console.update(row)
 
     def print(self, message: str) -> None:
-        self.console.print(message)
+        if not self.quiet:
+            self.console.print(message)
 
     def log_video(self, key: str, path: Path, global_step: int) -> None:
         self.wandb.log_video(key, path, global_step)

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from lunarl.agents.base import Agent
 from lunarl.run.checkpoint import CheckpointDamaged, CheckpointError, Checkpoints
+from lunarl.run.distributed import any_process, is_primary, select_devices, to_host
 from lunarl.run.evaluation import eval_keys, eval_row, make_evaluator
 from lunarl.run.logger import RunLogger
 from lunarl.run.metrics import first_bad_metric, reduce_chunk
@@ -67,9 +68,13 @@ class _Run:
         return {"iteration": iteration, "global_step": iteration * self.plan.steps_per_iteration}
 
 
-def train(plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogger) -> TrainResult:
+def train(
+    plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogger, placement: Placement | None = None
+) -> TrainResult:
     """Train (or resume) the run described by ``plan``; ``config`` is the resolved config saved
-    with every checkpoint. Raises ``TrainingDiverged`` and ``CheckpointError``."""
+    with every checkpoint; ``placement`` defaults to the mesh over ``run.devices``. Raises
+    ``TrainingDiverged`` and ``CheckpointError``. With several processes every one calls this;
+    only process 0's ``logger`` writes."""
     cfg, total, every = plan.cfg, plan.total_iterations, plan.cfg.run.log_every
     env, agent = plan.env_and_agent()
     # An s3:// checkpoint.dir is staged in RUN_DIR/checkpoints (lunarl.run.remote).
@@ -78,18 +83,21 @@ def train(plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogge
         upload_timeout=cfg.checkpoint.upload_timeout, report=logger.print,
     )  # fmt: skip
     videos = VideoRecorder(agent, env, plan.agent_config, cfg.run.video_format) if cfg.run.video_every else None
-    run = _Run(plan, env, agent, Placement.for_seeds(cfg.num_seeds), ckpts, logger, config, run_dir, videos)
+    if placement is None:
+        placement = Placement.for_run(cfg.num_seeds, plan.agent_config.num_envs, select_devices(cfg.run.devices))
+    run = _Run(plan, env, agent, placement, ckpts, logger, config, run_dir, videos)
     try:
         ts, iteration = _resume_or_init(run)
         # Only now (a refused resume must not touch it): the config as it runs, resolved.
         # Hydra's .hydra/config.yaml keeps the interpolations.
-        OmegaConf.save(OmegaConf.create(dict(config)), run_dir / "config.yaml")
+        if is_primary():
+            OmegaConf.save(OmegaConf.create(dict(config)), run_dir / "config.yaml")
         logger.console.start_at(iteration * plan.steps_per_iteration)
         if iteration >= total:
             logger.print(f"run already finished: iteration {iteration} of {total}")
             return TrainResult("already-finished", iteration, run.meta(iteration)["global_step"], ts)
         t0 = time.perf_counter()
-        chunk = make_chunk(agent, env, every).lower(ts).compile()
+        chunk = make_chunk(agent, env, every, run.placement).lower(ts).compile()
         evaluate = _compile_evaluator(run, ts) if cfg.run.eval_every else None
         logger.print(
             f"{plan.env_name} x {plan.agent_config.num_envs} envs x {cfg.num_seeds} seed(s), {agent.name}: "
@@ -101,17 +109,19 @@ def train(plan: Plan, run_dir: Path, config: Mapping[str, Any], logger: RunLogge
             while iteration < total:
                 ts, iteration = _train_chunk(run, chunk, ts, iteration)
                 last = iteration >= total
+                # Every process must stop at the same chunk, whichever of them got the signal.
+                stopping = any_process(stop.requested is not None)
                 if evaluate is not None and (iteration % cfg.run.eval_every == 0 or last):
                     _evaluate(run, evaluate, ts, iteration)
-                if iteration % cfg.run.checkpoint_every == 0 or last or stop.requested:
+                if iteration % cfg.run.checkpoint_every == 0 or last or stopping:
                     ckpts.save(iteration, ts, config, run.meta(iteration))
-                if stop.requested and not last:
+                if stopping and not last:
                     status = "interrupted"
                     break
         ckpts.wait()
         if status == "interrupted":
             logger.print(
-                f"stopped by {stop.requested} at iteration {iteration}/{total}; checkpoint saved in "
+                f"stopped by {stop.requested or 'a signal to another process'} at iteration {iteration}/{total}; checkpoint saved in "
                 f"{ckpts.where}. Run again with run.dir={run_dir} to resume."
             )
         else:
@@ -133,7 +143,10 @@ def _record_video(run: _Run, ts: Any, iteration: int) -> None:
     """
     assert run.videos is not None and run.run_dir is not None
     meta = run.meta(iteration)
-    params = jax.tree.map(lambda x: x[0], jax.vmap(run.agent.policy_params)(ts))
+    # Gathered on every process (a collective), drawn by process 0 alone.
+    params = jax.tree.map(lambda x: x[0], to_host(jax.vmap(run.agent.policy_params)(ts)))
+    if not is_primary():
+        return
     key = eval_keys(run.plan.cfg.seed, iteration, run.plan.cfg.num_seeds)[0]
     path = run.run_dir / "videos" / video_name(meta["global_step"], run.videos.fmt)
     video = run.videos.record(params, key, path)
@@ -187,7 +200,13 @@ def _restore_newest_intact(run: _Run, target: Any) -> tuple[Any, dict]:
 def _compile_evaluator(run: _Run, ts: Any) -> Any:
     params = jax.vmap(run.agent.policy_params)(ts)
     evaluator = make_evaluator(run.agent, run.env, run.plan.agent_config, run.plan.cfg.run.eval_episodes)
-    return evaluator.lower(params, eval_keys(run.plan.cfg.seed, 0, run.plan.cfg.num_seeds)).compile()
+    return evaluator.lower(params, _eval_keys(run, 0)).compile()
+
+
+def _eval_keys(run: _Run, iteration: int) -> jax.Array:
+    """The evaluation keys, placed like the seeds (a global array when there are several processes)."""
+    cfg = run.plan.cfg
+    return jax.device_put(eval_keys(cfg.seed, iteration, cfg.num_seeds), run.placement.seeds)
 
 
 def _train_chunk(run: _Run, chunk: Any, ts: Any, iteration: int) -> tuple[Any, int]:
@@ -195,7 +214,7 @@ def _train_chunk(run: _Run, chunk: Any, ts: Any, iteration: int) -> tuple[Any, i
     every, agent = run.plan.cfg.run.log_every, run.agent
     t0 = time.perf_counter()
     ts, metrics, finite = chunk(ts)
-    metrics = jax.device_get(metrics)
+    metrics = to_host(metrics)
     elapsed = time.perf_counter() - t0
     if not bool(finite):
         last = run.ckpts.latest_step()
@@ -218,8 +237,8 @@ def _train_chunk(run: _Run, chunk: Any, ts: Any, iteration: int) -> tuple[Any, i
 def _evaluate(run: _Run, evaluate: Any, ts: Any, iteration: int) -> None:
     """Evaluate every seed's deterministic policy, log it, and keep the best checkpoint."""
     cfg = run.plan.cfg
-    result = evaluate(jax.vmap(run.agent.policy_params)(ts), eval_keys(cfg.seed, iteration, cfg.num_seeds))
-    row = eval_row(jax.device_get(result))
+    result = evaluate(jax.vmap(run.agent.policy_params)(ts), _eval_keys(run, iteration))
+    row = eval_row(to_host(result))
     meta = run.meta(iteration)
     run.logger.log({**meta, **row}, progress=False)
     run.logger.print(

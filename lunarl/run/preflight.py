@@ -10,7 +10,9 @@ already in the run dir must be a lunarl train config (never overwrite someone el
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ from lunarl.run.schema import ConfigError, Plan
 
 __all__ = ["preflight", "state_bytes"]
 
-_PROBE = ".lunarl-write-probe"
+# Named per process: the processes of a multi-process run probe the same directories at once.
+_PROBE = f".lunarl-write-probe-{socket.gethostname()}-{os.getpid()}"
 
 
 def state_bytes(shapes: Any) -> int:

@@ -54,24 +54,42 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
-def make_chunk(agent: Agent, env: Any, num_iterations: int) -> Callable[[Any], tuple[Any, dict, jax.Array]]:
+def make_chunk(
+    agent: Agent, env: Any, num_iterations: int, placement: Placement | None = None
+) -> Callable[[Any], tuple[Any, dict, jax.Array]]:
     """``chunk(ts) -> (ts, metrics[K, S], finite)``: K seed-vmapped iterations as one ``lax.scan``.
 
     The input TrainState is donated: its buffers become the output's, so a state that holds a
     replay buffer is never in device memory twice; do not use ``ts`` after the call. ``finite``
     is False when any metric or policy parameter became NaN/inf, so the host can stop before
     the broken state is saved. ``env`` (the one the states step) picks the XLA compile options.
+
+    With a ``placement`` the state is pinned to its shardings after every iteration (env leaves
+    stay split on ``data`` through the scan, the rest replicated; the partitioner adds the
+    all-reduces of gradients and batch statistics) and ``metrics`` and ``finite`` come back
+    replicated, so every process can read them.
     """
     step = jax.vmap(agent.train_step)
 
+    def pin(ts: Any) -> Any:
+        if placement is None:
+            return ts
+        return jax.lax.with_sharding_constraint(ts, placement.state_shardings(agent, ts))
+
+    def iteration(ts: Any, _: Any) -> tuple[Any, dict]:
+        ts, metrics = step(ts)
+        return pin(ts), metrics
+
     def chunk(ts: Any) -> tuple[Any, dict, jax.Array]:
-        ts, metrics = jax.lax.scan(lambda t, _: step(t), ts, None, length=num_iterations)
+        ts, metrics = jax.lax.scan(iteration, pin(ts), None, length=num_iterations)
         if set(metrics) != set(agent.metric_names):
             raise ValueError(
                 f"agent {agent.name!r}: train_step returned metrics {sorted(metrics)}, "
                 f"but its metric_names are {sorted(agent.metric_names)}"
             )
         finite = _all_finite(metrics) & _all_finite(jax.vmap(agent.policy_params)(ts))
+        if placement is not None:
+            metrics, finite = jax.lax.with_sharding_constraint((metrics, finite), placement.replicated)
         return ts, metrics, finite
 
     return jax.jit(chunk, donate_argnums=0, compiler_options=compile_options(env))

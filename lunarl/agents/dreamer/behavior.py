@@ -28,12 +28,14 @@ of still being in the episode (``prod gamma c``, stopped).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from lunarl.agents.dreamer.world_model import (
@@ -55,7 +57,9 @@ __all__ = [
     "lambda_returns",
 ]
 
-_LOG_2PI_E = 1.0 + jnp.log(2.0 * jnp.pi)
+# A Python float holding the float32 value (computing it with jnp at import time would start a
+# JAX backend, which must wait for jax.distributed.initialize in a multi-process run).
+_LOG_2PI_E = float(np.float32(1.0 + math.log(2.0 * math.pi)))
 
 
 class ActorNet(nn.Module):
