@@ -339,14 +339,16 @@ def test_a_finished_run_is_not_requeued(tmp_path, fake_slurm):
     assert proc.returncode == 0 and _log(tmp_path, "scontrol.log") == []
 
 
-# A real lunarl.train run of the toy counter agent (tests/counter_agent.py): 1 seed x 4 envs x
-# 8 steps per iteration, chunks of 2 iterations, no periodic checkpoint, far from finishing.
+# A real lunarl.train run of the toy counter agent (tests/counter_agent.py): 2 seeds x 4 envs x
+# 8 steps per iteration, chunks of 2 iterations (the program tests/test_agent_contract.py compiles,
+# so the shared compilation cache has it), no periodic checkpoint, far from finishing.
 COUNTER = [
     f"hydra.searchpath=[file://{REPO / 'tests' / 'conf'}]",
     "agent=counter",
     "env=rover",
     "env.num_envs=4",
     "env.episode_length=5",
+    "num_seeds=2",
     "run.log_every=2",
     "run.eval_every=0",
     "run.checkpoint_every=100000",
@@ -377,3 +379,5 @@ def test_usr1_checkpoints_a_real_training_run_and_requeues_the_job(tmp_path, app
     # The checkpoint of the iteration it stopped at (no periodic one was due), for the requeued job.
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints" / "latest").iterdir() if p.name.isdigit())
     assert steps == [int(stopped.group(1))] and steps[0] % 2 == 0
+    # A checkpointed stop is no error: the run dir keeps what Hydra and the app wrote.
+    assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / "config.yaml").exists()
