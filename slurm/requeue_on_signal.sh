@@ -64,13 +64,17 @@ while :; do
 done
 
 if [ "$requeue" = 1 ]; then
-  # 143 = killed by the SIGTERM before the app installed its handler: nothing trained since the
-  # last checkpoint, so resuming is right too. Any other code is a failure or a finished run.
-  if [ "$status" = "$STOPPED" ] || [ "$status" = 143 ]; then
-    echo "requeue_on_signal: training stopped (exit $status); requeueing job ${SLURM_JOB_ID:?}" >&2
-    scontrol requeue "$SLURM_JOB_ID"
-    exit $?
-  fi
+  # 75: stopped after its checkpoint. 5: stopped, but checkpoints for s3:// were not all uploaded
+  # in time (they stay in the run dir, which the next start resumes from). 143: killed by the
+  # SIGTERM before the app installed its handler, so nothing trained since the last checkpoint.
+  # Any other code is a failure (0: the run had finished).
+  case "$status" in
+    "$STOPPED" | 5 | 143)
+      echo "requeue_on_signal: training stopped (exit $status); requeueing job ${SLURM_JOB_ID:?}" >&2
+      scontrol requeue "$SLURM_JOB_ID"
+      exit $?
+      ;;
+  esac
   echo "requeue_on_signal: not requeued: the training exited with $status" >&2
 fi
 exit "$status"

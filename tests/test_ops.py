@@ -277,12 +277,12 @@ def fake_slurm(tmp_path) -> dict[str, str]:
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM": str(tmp_path), "SLURM_JOB_ID": "4242"}
 
 
-def _stand_in_trainer(tmp_path: Path, finishes: bool = False) -> list[str]:
+def _stand_in_trainer(tmp_path: Path, finishes: bool = False, code: int = STOP_CODE) -> list[str]:
     """A process that stops like lunarl.train (SIGTERM -> exit 75) and marks when it runs."""
     script = tmp_path / "trainer.sh"
     script.write_text(
         "#!/bin/bash\n"
-        f"trap 'echo stopped > \"{tmp_path}/trainer.out\"; exit {STOP_CODE}' TERM\n"
+        f"trap 'echo stopped > \"{tmp_path}/trainer.out\"; exit {code}' TERM\n"
         f"touch \"{tmp_path}/trainer.started\"\n"
         + ("sleep 0.5; exit 0\n" if finishes else "while :; do sleep 0.05; done\n")
     )
@@ -323,6 +323,16 @@ def test_usr1_stops_the_training_then_requeues(through_srun, tmp_path, fake_slur
     # Under srun the SIGTERM goes through scancel to the job's steps, never to srun itself.
     assert _log(tmp_path, "scancel.log") == (["--signal=TERM 4242"] if through_srun else [])
     assert _log(tmp_path, "srun.signals") == []
+
+
+@pytest.mark.parametrize("code, requeued", [(5, True), (1, False)], ids=["upload-cut-short", "failed"])
+def test_usr1_requeues_only_a_resumable_stop(code, requeued, tmp_path, fake_slurm):
+    proc = _start(_stand_in_trainer(tmp_path, code=code), {**os.environ, **fake_slurm}, tmp_path)
+    _wait_for(tmp_path / "trainer.started", proc, 30)
+    proc.send_signal(signal.SIGUSR1)
+    proc.communicate(timeout=30)
+    assert _log(tmp_path, "scontrol.log") == (["requeue 4242"] if requeued else [])
+    assert proc.returncode == (0 if requeued else code)
 
 
 def test_term_stops_the_training_without_a_requeue(tmp_path, fake_slurm):
