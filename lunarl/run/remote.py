@@ -292,10 +292,10 @@ class Mirror:
             self._expected.clear()
 
     def pending(self) -> list[tuple[str, int]]:
-        """Local steps the remote side should hold and does not (yet)."""
+        """Local steps (and the one being saved) the remote side should hold and does not (yet)."""
         out = []
         for which, keep in self.keep.items():
-            local = local_steps(self.root / which)
+            local = local_steps(self.root / which) | ({self._expected[which]} if which in self._expected else set())
             for step in sorted(local, reverse=True)[:keep]:
                 if (which, step) not in self._confirmed:
                     out.append((which, step))
@@ -373,9 +373,10 @@ class Mirror:
         self._failures += 1
         self._error = reason
         if self._failures == 1:
+            steps = ", ".join(f"{w} {s}" for w, s in self.pending()) or "none yet"
             self.report(
-                f"warning: S3 checkpoint mirror failed ({reason}); training continues, checkpoints stay "
-                f"in {self.root} and are uploaded once the endpoint answers (retrying with backoff)"
+                f"warning: S3 checkpoint mirror failed ({reason}); training continues, the checkpoints not "
+                f"uploaded ({steps}) stay in {self.root} and are uploaded once the endpoint answers (retrying with backoff)"
             )
 
     def _sync(self) -> bool:
