@@ -84,15 +84,23 @@ def known_keys(schema: type) -> set[str]:
     return keys
 
 
+#: Open maps whose entries a user adds with a plain ``key=value`` (the population's
+#: ``ranges.agent.NAME`` / ``values.agent.NAME``): passed to Hydra as ``++key=value``.
+OPEN_PREFIXES = ("population.ranges.", "population.values.")
+
+
 def normalize_overrides(argv: Iterable[str], listed: set[str], appended_groups: tuple[str, ...] = ()) -> list[str]:
     """``+env.num_rocks=3`` -> ``env.num_rocks=3`` where the key is listed in ``conf/`` (Hydra
-    refuses to append a key that exists), and ``env.FIELD=...`` -> ``+env.FIELD=...`` for
-    ``appended_groups`` whose node starts empty (the evaluate app's ``env`` variant)."""
+    refuses to append a key that exists), ``env.FIELD=...`` -> ``+env.FIELD=...`` for
+    ``appended_groups`` whose node starts empty (the evaluate app's ``env`` variant), and
+    ``population.ranges.agent.NAME=...`` -> ``++...`` (``OPEN_PREFIXES``: add or override)."""
     out = []
     for arg in argv:
         key = arg.split("=", 1)[0]
         group = key.lstrip("+").split(".")[0] if "." in key else None
-        if group in appended_groups:
+        if key.lstrip("+").startswith(OPEN_PREFIXES) and "=" in arg:
+            arg = "++" + arg.lstrip("+")
+        elif group in appended_groups:
             if "=" in arg and not arg.startswith(("+", "-", "~")):
                 arg = "+" + arg
         elif arg.startswith("+") and not arg.startswith("++") and key[1:] in listed:

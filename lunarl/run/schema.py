@@ -50,6 +50,10 @@ class RunSchema:
     # multirun, each job uses ``<run.dir>/<job number>``.
     dir: str = "runs/${name}/${now:%Y-%m-%d_%H-%M-%S}"
     total_env_steps: int = bounded(1_000_000, 1)  # per seed; rounded up to whole chunks
+    # What the train app returns to a Hydra sweeper (Optuna), to maximise: eval_success (the best
+    # evaluation's success rate, ties broken by its return), eval_return, or train_return (the
+    # last logged training episode return); see lunarl.run.objective.
+    objective: str = "eval_success"
     # Iterations per compiled chunk (one lax.scan); metrics are logged after every chunk.
     log_every: int = bounded(10, 1)
     # In iterations, multiples of log_every; eval_every=0 turns evaluation off.
@@ -104,6 +108,27 @@ class LoggerSchema:
 
 
 @dataclass
+class PBTSchema:
+    # Iterations between exploit/explore steps (a multiple of run.log_every); 0 = no PBT.
+    every: int = bounded(0, 0)
+    quantile: float = bounded(0.25, 0.0, 0.5)  # the worst members copy from the best, this fraction each
+    perturb: list[float] = field(default_factory=lambda: [0.8, 1.25])  # factors a copied hyperparameter is multiplied by
+    resample_probability: float = bounded(0.25, 0.0, 1.0)  # else draw it afresh from its range or listed values
+    smoothing: float = bounded(0.9, 0.0, 1.0)  # score = smoothing * score + (1 - smoothing) * episode return
+
+
+@dataclass
+class PopulationSchema:
+    # Members trained as one program (each with num_seeds seeds); see lunarl.run.population.
+    size: int = bounded(1, 1)
+    # agent.NAME: [low, high] or [low, high, log], drawn per member from seed.
+    ranges: dict[str, Any] = field(default_factory=dict)
+    # agent.NAME: [v1, ..., v_size], one value per member.
+    values: dict[str, Any] = field(default_factory=dict)
+    pbt: PBTSchema = field(default_factory=PBTSchema)
+
+
+@dataclass
 class TrainSchema:
     name: str = "default"  # experiment name; wandb groups runs by it
     seed: int = 0
@@ -113,6 +138,7 @@ class TrainSchema:
     run: RunSchema = field(default_factory=RunSchema)
     checkpoint: CheckpointSchema = field(default_factory=CheckpointSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
+    population: PopulationSchema = field(default_factory=PopulationSchema)
 
 
 @dataclass
@@ -185,6 +211,12 @@ class Plan:
     agent_config: Any  # the agent's Config
     steps_per_iteration: int
     total_iterations: int
+    population: Any = None  # lunarl.run.population.Population, or None without one
+
+    @property
+    def num_rows(self) -> int:
+        """Rows of the stacked TrainState: seeds, times members with a population."""
+        return self.population.rows if self.population is not None else self.cfg.num_seeds
 
     def env_and_agent(self) -> tuple[Any, Any]:
         import lunarl.agents
@@ -285,6 +317,14 @@ def validate_train(cfg: DictConfig) -> Plan:
     # run.total_env_steps counts the env steps of one seed.
     total_iterations = probe.iterations_for(run.total_env_steps, multiple_of=run.log_every)
     agent_config = probe.replace(total_iterations=total_iterations)
+    from lunarl.run.objective import check_objective
+    from lunarl.run.population import Population, PopulationError
+
+    try:
+        check_objective(run.objective)
+        population = Population.build(schema.population, agent, agent_config, schema.seed, schema.num_seeds, run.log_every)
+    except (PopulationError, ValueError) as e:
+        raise ConfigError(str(e)) from e
     return Plan(
         cfg=schema,
         env_name=env_run.name,
@@ -293,4 +333,5 @@ def validate_train(cfg: DictConfig) -> Plan:
         agent_config=agent_config,
         steps_per_iteration=agent_config.env_steps_per_iteration,
         total_iterations=total_iterations,
+        population=population,
     )
