@@ -17,6 +17,7 @@ moved aside to ``checkpoints/corrupt/`` and the run resumes from the older one.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
@@ -25,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from lunarl.run.cli import StoppedExit, fail, quiet_libraries, release_stderr, run_app
+from lunarl.run.objective import read_objective
 from lunarl.run.schema import ConfigError, TrainSchema, register_schemas, validate_train
 
 __all__ = ["main"]
@@ -35,6 +37,16 @@ EXIT_NO_INTACT_CHECKPOINT = 4
 EXIT_UPLOAD_FAILED = 5
 
 register_schemas()
+
+
+def _created_dir(path: str) -> str:
+    """``${created_dir:PATH}``: PATH, created if missing. Optuna opens its SQLite study in the
+    sweep dir (conf/hydra/sweeper/optuna_tpe.yaml) before Hydra creates that dir."""
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return path
+
+
+OmegaConf.register_new_resolver("created_dir", _created_dir, replace=True)
 
 
 def _remove_if_empty_run(run_dir: Path) -> None:
@@ -52,8 +64,9 @@ def _remove_if_empty_run(run_dir: Path) -> None:
             return
 
 
-def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
-    """Validate, then train; returns the process exit code."""
+def run(cfg: DictConfig, run_dir: Path, job_label: str, multirun: bool = False) -> int:
+    """Validate, then train; returns the process exit code. In a ``multirun`` a diverged job
+    returns its code instead of ending the process, so the sweep goes on with its next job."""
     # Hydra already created run_dir (its output dir); make run.dir name it exactly, so that
     # checkpoint.dir (``${run.dir}/checkpoints``) follows it, in multirun jobs too.
     cfg.run.dir = str(run_dir)
@@ -79,7 +92,7 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
 
     try:
         placement = Placement.for_run(
-            plan.cfg.num_seeds, plan.agent_config.num_envs, distributed.select_devices(plan.cfg.run.devices)
+            plan.num_rows, plan.agent_config.num_envs, distributed.select_devices(plan.cfg.run.devices)
         )
     except ConfigError as e:
         _remove_if_empty_run(run_dir)
@@ -98,7 +111,9 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
     from lunarl.run.programs import state_shapes
 
     env, agent = plan.env_and_agent()
-    size = state_bytes(state_shapes(agent, env, plan.agent_config, plan.cfg.num_seeds))
+    if plan.population is not None:  # members x seeds rows of the population's agent
+        agent = plan.population.agent(agent)
+    size = state_bytes(state_shapes(agent, env, plan.agent_config, plan.num_rows))
     try:
         preflight(plan, run_dir, size)
     except ConfigError as e:
@@ -117,7 +132,7 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
             f"{plan.cfg.name}:{job_label}", run_dir, config,
         ),  # fmt: skip
         ConsoleProgress(
-            plan.total_iterations * plan.steps_per_iteration, 0, plan.cfg.logger.console and primary, plan.cfg.num_seeds
+            plan.total_iterations * plan.steps_per_iteration, 0, plan.cfg.logger.console and primary, plan.num_rows
         ),
         TensorBoardLogger(run_dir / "tensorboard") if plan.cfg.logger.tensorboard and primary else None,
         quiet=not primary,
@@ -143,21 +158,31 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str) -> int:
     except TrainingDiverged as e:
         code = EXIT_DIVERGED
         logger.close(code)
-        fail("lunarl.train", str(e), code)
+        if not multirun:
+            fail("lunarl.train", str(e), code)
+        print(f"lunarl.train: error: {' '.join(str(e).split())} (the sweep goes on)", file=sys.stderr, flush=True)
+        return code
     logger.close(0)  # a stop with its checkpoint is no failure, whatever code the scheduler wants
     return code
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float:
+    """Train one run (one job of a multirun); returns its ``run.objective`` for a sweeper
+    (``lunarl.run.objective``: of a diverged job, the evaluations logged before it diverged)."""
     release_stderr()  # Hydra composed the config: its errors are behind us
     quiet_libraries()
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     label = run_dir.name if hc.mode == RunMode.RUN else f"{run_dir.parent.name}/{run_dir.name}"
-    code = run(cfg, run_dir, label)
+    sweeper = hc.sweeper
+    if "optuna" in str(sweeper.get("_target_", "")) and str(sweeper.get("direction")).split(".")[-1] != "maximize":
+        fail("lunarl.train", f"hydra.sweeper.direction={sweeper.get('direction')}: run.objective is maximised; "
+             "use hydra/sweeper=optuna_tpe or set hydra.sweeper.direction=maximize", EXIT_CONFIG_ERROR)
+    code = run(cfg, run_dir, label, multirun=hc.mode == RunMode.MULTIRUN)
     if code and hc.mode == RunMode.RUN:  # a multirun goes on with its next job
         raise StoppedExit(code)
+    return read_objective(run_dir / "metrics.jsonl", cfg.run.objective, cfg.run.eval_episodes, cfg.num_seeds)
 
 
 if __name__ == "__main__":

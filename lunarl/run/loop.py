@@ -26,6 +26,7 @@ from lunarl.run.evaluation import eval_keys, eval_row, make_evaluator
 from lunarl.run.logger import RunLogger
 from lunarl.run.metrics import first_bad_metric, reduce_chunk
 from lunarl.run.placement import Placement
+from lunarl.run.population import PopulationRun
 from lunarl.run.programs import abstract_state, init_state, make_chunk, seed_keys
 from lunarl.run.schema import Plan
 from lunarl.run.signals import GracefulStop
@@ -63,6 +64,7 @@ class _Run:
     config: Mapping[str, Any]
     run_dir: Path | None = None
     videos: VideoRecorder | None = None  # when run.video_every > 0
+    population: PopulationRun | None = None  # with population.*: the rows are members x seeds
 
     def meta(self, iteration: int) -> dict[str, Any]:
         return {"iteration": iteration, "global_step": iteration * self.plan.steps_per_iteration}
@@ -77,6 +79,9 @@ def train(
     only process 0's ``logger`` writes."""
     cfg, total, every = plan.cfg, plan.total_iterations, plan.cfg.run.log_every
     env, agent = plan.env_and_agent()
+    # A hyperparameter population trains plan.num_rows rows of its wrapped agent (lunarl.run.population).
+    population = PopulationRun(plan.population, agent, run_dir, is_primary()) if plan.population is not None else None
+    agent = population.agent if population is not None else agent
     # An s3:// checkpoint.dir is staged in RUN_DIR/checkpoints (lunarl.run.remote).
     ckpts = Checkpoints(
         cfg.checkpoint.dir, cfg.checkpoint.max_to_keep, staging=str(run_dir / "checkpoints"),
@@ -84,8 +89,8 @@ def train(
     )  # fmt: skip
     videos = VideoRecorder(agent, env, plan.agent_config, cfg.run.video_format) if cfg.run.video_every else None
     if placement is None:
-        placement = Placement.for_run(cfg.num_seeds, plan.agent_config.num_envs, select_devices(cfg.run.devices))
-    run = _Run(plan, env, agent, placement, ckpts, logger, config, run_dir, videos)
+        placement = Placement.for_run(plan.num_rows, plan.agent_config.num_envs, select_devices(cfg.run.devices))
+    run = _Run(plan, env, agent, placement, ckpts, logger, config, run_dir, videos, population)
     try:
         ts, iteration = _resume_or_init(run)
         # Only now (a refused resume must not touch it): the config as it runs, resolved.
@@ -103,6 +108,7 @@ def train(
             f"{plan.env_name} x {plan.agent_config.num_envs} envs x {cfg.num_seeds} seed(s), {agent.name}: "
             f"{total} iterations of {plan.steps_per_iteration:,} env steps in chunks of {every} "
             f"(compiled in {time.perf_counter() - t0:.1f}s); {run.placement.describe()}; run dir {run_dir}"
+            + (f"; {plan.population.describe()}" if population is not None else "")
         )
         status = "finished"
         with GracefulStop() as stop:
@@ -113,6 +119,8 @@ def train(
                 stopping = any_process(stop.requested is not None)
                 if evaluate is not None and (iteration % cfg.run.eval_every == 0 or last):
                     _evaluate(run, evaluate, ts, iteration)
+                if population is not None:  # PBT, when due: after the evaluation, before the checkpoint
+                    ts = population.after_evaluation(ts, iteration, total, run.meta(iteration), logger.print)
                 if iteration % cfg.run.checkpoint_every == 0 or last or stopping:
                     ckpts.save(iteration, ts, config, run.meta(iteration))
                 if stopping and not last:
@@ -157,14 +165,19 @@ def _record_video(run: _Run, ts: Any, iteration: int) -> None:
 
 def _resume_or_init(run: _Run) -> tuple[Any, int]:
     """The latest checkpoint's state and iteration, or a fresh state at iteration 0."""
-    plan, num_seeds = run.plan, run.plan.cfg.num_seeds
+    plan, num_seeds, population = run.plan, run.plan.num_rows, run.population
     start = run.ckpts.latest_step()
     if start is None:
-        keys = jax.device_put(seed_keys(plan.cfg.seed, num_seeds), run.placement.seeds)
-        return init_state(run.agent, run.env, plan.agent_config, keys, run.placement), 0
+        keys = population.keys(plan.cfg.seed) if population is not None else seed_keys(plan.cfg.seed, num_seeds)
+        ts = init_state(run.agent, run.env, plan.agent_config, jax.device_put(keys, run.placement.seeds), run.placement)
+        if population is not None:
+            ts = population.start(ts, 0)
+        return ts, 0
     target = abstract_state(run.agent, run.env, plan.agent_config, num_seeds, run.placement)
     ts, meta = _restore_newest_intact(run, target)
     start = meta["iteration"]
+    if population is not None:
+        ts = population.start(ts, start)
     dropped = run.logger.jsonl.drop_after(start)
     if run.logger.tensorboard is not None:
         run.logger.tensorboard.purge_after(meta["global_step"])
@@ -206,7 +219,8 @@ def _compile_evaluator(run: _Run, ts: Any) -> Any:
 def _eval_keys(run: _Run, iteration: int) -> jax.Array:
     """The evaluation keys, placed like the seeds (a global array when there are several processes)."""
     cfg = run.plan.cfg
-    return jax.device_put(eval_keys(cfg.seed, iteration, cfg.num_seeds), run.placement.seeds)
+    keys = run.population.eval_keys(cfg.seed, iteration) if run.population is not None else eval_keys(cfg.seed, iteration, cfg.num_seeds)
+    return jax.device_put(keys, run.placement.seeds)
 
 
 def _train_chunk(run: _Run, chunk: Any, ts: Any, iteration: int) -> tuple[Any, int]:
@@ -225,10 +239,11 @@ def _train_chunk(run: _Run, chunk: Any, ts: Any, iteration: int) -> tuple[Any, i
             "Try a lower learning rate or tighter gradient clipping in agent.*."
         )
     iteration += every
-    steps = every * run.plan.steps_per_iteration * run.plan.cfg.num_seeds
+    steps = every * run.plan.steps_per_iteration * run.plan.num_rows
     run.logger.log({
         **run.meta(iteration),
-        **reduce_chunk(metrics, agent.episode_statistics, agent.episode_count, agent.running_totals),
+        **(run.population.chunk_row(metrics) if run.population is not None
+           else reduce_chunk(metrics, agent.episode_statistics, agent.episode_count, agent.running_totals)),
         "perf/steps_per_second": steps / elapsed,
     })
     return ts, iteration
@@ -238,7 +253,7 @@ def _evaluate(run: _Run, evaluate: Any, ts: Any, iteration: int) -> None:
     """Evaluate every seed's deterministic policy, log it, and keep the best checkpoint."""
     cfg = run.plan.cfg
     result = evaluate(jax.vmap(run.agent.policy_params)(ts), _eval_keys(run, iteration))
-    row = eval_row(to_host(result))
+    row = run.population.eval_row(to_host(result)) if run.population is not None else eval_row(to_host(result))
     meta = run.meta(iteration)
     run.logger.log({**meta, **row}, progress=False)
     run.logger.print(

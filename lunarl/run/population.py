@@ -433,9 +433,26 @@ class PopulationRun:
         self.log = PopulationLog(run_dir / "population.jsonl", enabled) if run_dir is not None else None
         self._pbt = None
 
-    def start(self, iteration: int) -> None:
+    def keys(self, seed: int) -> jax.Array:
+        return self.population.keys(seed)
+
+    def eval_keys(self, seed: int, iteration: int) -> jax.Array:
+        return self.population.eval_keys(seed, iteration)
+
+    def start(self, ts: Any, iteration: int) -> Any:
+        """A fresh state (``iteration`` 0) gets its rows' hyperparameters; ``population.jsonl``
+        starts over, or loses the lines after a resumed checkpoint."""
+        if iteration == 0:
+            ts = self.population.assign(ts)
         if self.log is not None:
             self.log.start(self.population, iteration)
+        return ts
+
+    def chunk_row(self, metrics: Mapping[str, np.ndarray]) -> dict[str, float]:
+        return self.population.chunk_row(metrics, self.agent)
+
+    def eval_row(self, result: Mapping[str, np.ndarray]) -> dict[str, float]:
+        return self.population.eval_row(result)
 
     def after_evaluation(self, ts: Any, iteration: int, total: int, meta: Mapping[str, Any], print_fn: Any) -> Any:
         """The PBT step when one is due at ``iteration`` (``ts`` is donated), else ``ts``."""
