@@ -65,8 +65,12 @@ def evaluate_run(app: EvalAppSchema) -> dict[str, Any]:
         # The state above was restored with the saved env (its shapes); only acting uses the variant.
         env = _env_variant(env, plan.env_name, app.env)
     evaluator = make_evaluator(agent, env, plan.agent_config, app.eval.episodes, app.eval.deterministic)
-    keys = eval_keys(app.eval.seed, meta["iteration"], plan.cfg.num_seeds)
-    row = eval_row(jax.device_get(evaluator(params, keys)))
+    if plan.population is not None:  # every member on its seeds' episodes; eval/ is the best member
+        keys = plan.population.eval_keys(app.eval.seed, meta["iteration"])
+        row = plan.population.eval_row(jax.device_get(evaluator(params, keys)))
+    else:
+        keys = eval_keys(app.eval.seed, meta["iteration"], plan.cfg.num_seeds)
+        row = eval_row(jax.device_get(evaluator(params, keys)))
     result: dict[str, Any] = {
         "env_overrides": dict(app.env),
         "checkpoint": app.checkpoint,

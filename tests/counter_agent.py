@@ -30,6 +30,7 @@ from lunarl.agents.base import (
     AgentConfig,
     Policy,
     episode_metrics,
+    hyperparameter,
     reset_carry,
 )
 from lunarl.config import bounded
@@ -55,6 +56,7 @@ class TrainState(struct.PyTreeNode):
     carry: Any  # the policy carry of the training envs: {"count": int32[N]}
     is_first: jax.Array  # bool[N]: the env's next observation starts an episode
     rng: jax.Array
+    hparams: dict[str, jax.Array]  # a population's per-row learning rate (tests/test_population.py)
     env: LunarEnv = struct.field(pytree_node=False)
     cfg: CounterConfig = struct.field(pytree_node=False)
 
@@ -92,6 +94,7 @@ def init(rng: jax.Array, env: LunarEnv, cfg: CounterConfig) -> TrainState:
         carry=initial_carry(cfg.num_envs),
         is_first=jnp.ones((cfg.num_envs,), bool),
         rng=k_state,
+        hparams={},
         env=env,
         cfg=cfg,
     )
@@ -126,7 +129,7 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
         return -jnp.mean((reward - reward.mean()) * log_prob)
 
     loss, grads = jax.value_and_grad(loss_fn)(ts.params)
-    updates, opt_state = optax.sgd(cfg.learning_rate).update(grads, ts.opt_state)
+    updates, opt_state = optax.sgd(hyperparameter(ts, "learning_rate")).update(grads, ts.opt_state)
     new_ts = ts.replace(
         params=optax.apply_updates(ts.params, updates), opt_state=opt_state,
         env_state=env_state, carry=carry, is_first=is_first, rng=rng,
@@ -162,4 +165,5 @@ AGENT = Agent(
     make_policy=make_policy,
     env_axes=env_axes,
     metric_names=(*EPISODE_STATISTICS, EPISODES_FINISHED, "toy/loss", "toy/carry_mismatches", "toy/max_count"),
+    hyperparameters=("learning_rate",),
 )

@@ -203,3 +203,71 @@ def test_bad_population_settings_name_the_key(setting, node, message):
 def test_no_population_by_default(setting):
     _, cfg = setting
     assert Population.build(OmegaConf.structured(PopulationSchema), ppo.AGENT, cfg, 0, 1, 10) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Through the train app: the contract's counter agent (tests/counter_agent.py), 2 members x 2 seeds
+# --------------------------------------------------------------------------------------------
+
+POPULATION_ARGS = ["population.size=2", "population.values.agent.learning_rate=[0.001,0.05]", "population.pbt.every=2",
+                   "population.pbt.quantile=0.5"]
+
+
+def _train_population(app_env, run_dir: pathlib.Path, chunks: int):
+    from conftest import run_app
+
+    from tests.test_agent_contract import COUNTER, STEPS_PER_CHUNK
+
+    proc = run_app(app_env, "lunarl.train", *COUNTER, *POPULATION_ARGS, f"run.total_env_steps={chunks * STEPS_PER_CHUNK}",
+                   f"run.dir={run_dir}", cwd=run_dir.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _lines(path: pathlib.Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def resumed_population(tmp_path_factory, app_env) -> pathlib.Path:
+    run_dir = tmp_path_factory.mktemp("population") / "resumed"
+    _train_population(app_env, run_dir, 2)
+    proc = _train_population(app_env, run_dir, 3)
+    assert "resuming from checkpoint at iteration 4" in proc.stdout
+    return run_dir
+
+
+def test_population_trains_logs_members_and_resumes_through_the_app(resumed_population):
+    from lunarl.run.restore import restore_run
+
+    lines = _lines(resumed_population / "population.jsonl")
+    assert [(line["iteration"], line["event"]) for line in lines] == [(0, "init"), (2, "pbt"), (4, "pbt"), (6, "pbt")]
+    assert lines[0]["hparams"]["learning_rate"] == pytest.approx([0.001, 0.05])
+    assert all(len(line["copies"]) == 1 and len(line["score"]) == 2 for line in lines[1:])
+    rows = [r for r in _lines(resumed_population / "metrics.jsonl") if "toy/loss" in r]
+    assert [r["iteration"] for r in rows] == [2, 4, 6]
+    for r in rows:  # members (means over their seeds) and the best one under the plain keys
+        best = int(r["population/best_member"])
+        assert r["toy/loss"] == r[f"member{best}/toy/loss"]
+        assert {"member0/hparams/learning_rate", "member1/hparams/learning_rate", "seed1/toy/loss"} <= set(r)
+    evals = [r for r in _lines(resumed_population / "metrics.jsonl") if "eval/success_rate" in r]
+    assert all("member1/eval/episode_return" in r and "population/best_eval_member" in r for r in evals)
+    # The checkpoint holds every row's hyperparameters: those of the last PBT step, per seed.
+    saved = restore_run(str(resumed_population / "checkpoints"), "latest")
+    assert saved.meta["iteration"] == 6 and saved.plan.num_rows == 4
+    np.testing.assert_allclose(saved.state.agent.hparams["learning_rate"], np.repeat(lines[-1]["hparams"]["learning_rate"], 2), rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_resumed_population_with_pbt_ends_as_an_uninterrupted_one(resumed_population, tmp_path, app_env):
+    from lunarl.run.restore import restore_run
+
+    full = tmp_path / "full"
+    _train_population(app_env, full, 3)
+    a = restore_run(str(full / "checkpoints"), "latest").state
+    b = restore_run(str(resumed_population / "checkpoints"), "latest").state
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert _lines(full / "population.jsonl") == _lines(resumed_population / "population.jsonl")

@@ -222,7 +222,9 @@ class Population:
         return member_rows(rows, best, "population/best_eval_member")
 
     def pbt_due(self, iteration: int, total: int) -> bool:
-        return self.pbt is not None and iteration % self.pbt.every == 0 and iteration < total
+        # Also at the run's last iteration (after its final evaluation): a run resumed with a
+        # larger run.total_env_steps then continues exactly as one that ran on in one go.
+        return self.pbt is not None and iteration % self.pbt.every == 0
 
     def pbt_key(self, iteration: int) -> jax.Array:
         return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(self.seed), _PBT_SALT), iteration)

@@ -66,8 +66,10 @@ def restore_run(checkpoint_dir: str, which: str | int = "latest", staging: str |
     try:
         plan = validate_train(OmegaConf.create(ckpts.read(which, "config")))
         env, agent = plan.env_and_agent()
-        placement = Placement.for_seeds(plan.cfg.num_seeds)
-        target = abstract_state(agent, env, plan.agent_config, plan.cfg.num_seeds, placement)
+        if plan.population is not None:  # a population run: members x seeds rows of its agent
+            agent = plan.population.agent(agent)
+        placement = Placement.for_seeds(plan.num_rows)
+        target = abstract_state(agent, env, plan.agent_config, plan.num_rows, placement)
         state, _, meta = ckpts.restore(which, target)
     finally:
         ckpts.close()
