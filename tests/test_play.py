@@ -4,7 +4,11 @@ drives until a key takes over."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 
 os.environ["SDL_VIDEODRIVER"] = "dummy"  # before pygame opens a display
 os.environ.setdefault("PYGAME_HIDE_SUPPORT_PROMPT", "1")
@@ -111,3 +115,49 @@ def test_bad_options_are_one_line_errors():
         assert "\n" not in str(err.value)
     with pytest.raises(play.PlayError, match="unknown; known"):
         play.make_session(play.parse_args(["env=moon"]))
+
+
+_VIEWER_DRIVER = """
+import json, subprocess, threading, time
+import numpy as np
+from lunarl import play
+
+def press_keys():
+    # Wait for the viewer's window, focus it (Xvfb has no window manager), press 3 then Up.
+    found = subprocess.run(["xdotool", "search", "--sync", "--onlyvisible", "--name", "MuJoCo"],
+                           capture_output=True, text=True, timeout=900)
+    window = found.stdout.split()[0]
+    time.sleep(1.0)
+    subprocess.run(["xdotool", "windowfocus", "--sync", window], timeout=30, check=True)
+    subprocess.run(["xdotool", "key", "3"], timeout=30, check=True)
+    time.sleep(0.3)
+    subprocess.run(["xdotool", "key", "Up"], timeout=30, check=True)
+
+session = play.make_session(play.parse_args(["env=kuka", "viewer=mujoco"]))
+threading.Thread(target=press_keys, daemon=True).start()
+log = play.run_mujoco_viewer(session, fps=30, frames=120)
+print("ACTIONS", json.dumps(np.asarray(log.actions).tolist()))
+"""
+
+
+@pytest.mark.slow  # MJX compile plus a real GLFW window on a virtual X server: minutes
+@pytest.mark.timeout(1200)
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("xvfb-run", "xdotool")), reason="needs xvfb-run and xdotool (apt install xvfb xdotool)")
+def test_kuka_in_the_mujoco_viewer_takes_real_key_presses(tmp_path):
+    """``viewer=mujoco`` opens ``mujoco.viewer`` on a virtual X display (Xvfb, software GL); keys
+    sent by xdotool through X reach the viewer's key callback and move the chosen joint."""
+    script = tmp_path / "driver.py"
+    script.write_text(_VIEWER_DRIVER)
+    env = {**os.environ, "MUJOCO_GL": "glfw"}
+    env.pop("SDL_VIDEODRIVER", None)
+    proc = subprocess.run(
+        ["xvfb-run", "-a", "-s", "-screen 0 1024x768x24", sys.executable, str(script)],
+        capture_output=True, text=True, timeout=1100, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("ACTIONS "))
+    actions = np.array(json.loads(line.removeprefix("ACTIONS ")))
+    assert actions.shape == (120, 8)
+    moved = actions[:, 2] == 1  # joint 3 driven up by the Up key, for a few frames per press
+    assert 1 <= moved.sum() <= 10
+    assert (np.delete(actions, [2, 7], axis=1) == 0).all()  # no other joint moved
