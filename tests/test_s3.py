@@ -41,7 +41,7 @@ pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
 
 from lunarl.run.checkpoint import CheckpointError, Checkpoints, CheckpointUploadFailed  # noqa: E402
-from lunarl.run.remote import COMMIT, S3Store  # noqa: E402
+from lunarl.run.remote import COMMIT, S3Location, S3Store  # noqa: E402
 from lunarl.run.restore import restore_run  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
@@ -284,6 +284,18 @@ def test_unreachable_endpoint_or_missing_bucket_is_one_line(s3, tmp_path, monkey
     assert "NoSuchBucket" in str(e.value) and "s3://no-such-bucket/x" in str(e.value)
 
 
+def test_s3_urls_and_the_staging_dir_are_checked_before_anything_starts(tmp_path):
+    from lunarl.run.remote import parse_s3_url
+
+    assert parse_s3_url("s3://bucket/a/b/") == S3Location("bucket", "a/b")
+    assert parse_s3_url("s3://bucket").url("latest", 3) == "s3://bucket/latest/3"
+    for bad, culprit in (("s3:///x", "names no bucket"), ("gs://bucket/x", "only s3://bucket/prefix")):
+        with pytest.raises(ValueError, match=culprit):
+            parse_s3_url(bad)
+    with pytest.raises(CheckpointError, match="names no bucket"):
+        Checkpoints("s3:///x", staging=str(tmp_path))
+
+
 # --------------------------------------------------------------------------------------------
 # Through the apps
 # --------------------------------------------------------------------------------------------
@@ -383,23 +395,37 @@ def test_evaluate_reads_an_s3_checkpoint(full, s3_env):
     assert _file_digests(cache / "best" / str(best)) == _file_digests(full / "checkpoints" / "best" / str(best))
 
 
-class _Lines:
-    """A process's stdout, read in a thread (so the pipe never fills), as a growing list."""
+class _Output:
+    """A process's stdout and stderr, read in threads (so no pipe fills) as growing lists."""
 
     def __init__(self, proc: subprocess.Popen):
-        self.lines: list[str] = []
-        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(proc.stdout.readline, "")), daemon=True)
-        self.thread.start()
+        self.proc, self.lines, self.errors = proc, [], []
+        self.threads = [threading.Thread(target=self._read, args=(stream, into), daemon=True)
+                        for stream, into in ((proc.stdout, self.lines), (proc.stderr, self.errors))]  # fmt: skip
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _read(stream, into: list[str]) -> None:
+        for line in iter(stream.readline, ""):
+            into.append(line)
 
     def has(self, text: str) -> bool:
         return any(text in line for line in self.lines)
 
+    def wait(self, timeout: float) -> str:
+        """The exit code is ``proc.returncode``; returns stderr."""
+        self.proc.wait(timeout)
+        for t in self.threads:
+            t.join(10)
+        return "".join(self.errors)
 
-def _start(env, run_dir: Path, prefix: str, chunks: int, *extra: str) -> tuple[subprocess.Popen, _Lines]:
+
+def _start(env, run_dir: Path, prefix: str, chunks: int, *extra: str) -> tuple[subprocess.Popen, _Output]:
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-m", "lunarl.train", *_args(run_dir, prefix, chunks, *extra)],
                             cwd=run_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    return proc, _Lines(proc)
+    return proc, _Output(proc)
 
 
 @pytest.mark.slow
@@ -412,10 +438,9 @@ def test_server_lost_mid_run_keeps_training_then_exits_5_and_a_rerun_uploads(s3,
     try:
         _wait_for(lambda: any(_remote(prefix, "latest").values()) or proc.poll() is not None, 300, "the first upload")
         s3.stop()
-        _, stderr = proc.communicate(timeout=300)
+        stderr = out.wait(300)
     finally:
         s3.start()
-    out.thread.join(5)
     last = chunks * 2
     assert proc.returncode == 5, stderr[-2000:]
     assert out.has("warning: S3 checkpoint mirror failed") and out.has("training continues")
@@ -453,10 +478,9 @@ def test_server_back_mid_run_and_sigterm_upload_then_resume_elsewhere(s3, s3_env
         _wait_for(lambda: out.has("S3 answers again") or proc.poll() is not None, 300, "the recovery")
         assert proc.poll() is None, "the run ended before the test could interrupt it: make it longer"
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=300)
+        stderr = out.wait(300)
     finally:
         s3.start()
-    out.thread.join(5)
     assert proc.returncode == 0, stderr[-2000:]
     assert out.has("stopped by SIGTERM")
     stopped = _local(run_dir / "checkpoints", "latest")[-1]

@@ -38,6 +38,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ COMMIT = "COMMIT"  # the marker object, written last; its body is the step's man
 FORMAT = "lunarl-checkpoint-mirror/1"
 RECORDS = ".s3-commits"  # in the staging dir: the COMMIT of each local step known to be uploaded
 DOWNLOADS = ".s3-download"  # in the staging dir: steps being downloaded, renamed into place when whole
-_ORBAX_TMP = ".orbax-checkpoint-tmp"
+SINGLE_PUT_BYTES = 8 << 20  # files up to this size go up and down in one request
+TRANSFER_THREADS = 8  # files of a step transferred at once
 
 
 class RemoteUnavailable(RuntimeError):
@@ -132,17 +134,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _manifest(step_dir: Path) -> dict[str, dict[str, Any]]:
-    """``{relative path: {size, sha256}}`` of every file under ``step_dir``; ``FileNotFoundError``
-    when Orbax deletes the step meanwhile (it was older than the ones it keeps)."""
-    files = {}
-    for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
-        files[path.relative_to(step_dir).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    if not step_dir.is_dir():
-        raise FileNotFoundError(step_dir)
-    return files
-
-
 class S3Store:
     """The remote layout above, through one boto3 client (thread-safe, shared by both threads)."""
 
@@ -159,7 +150,7 @@ class S3Store:
             "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
             "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
         }
-        config = Config(retries=retries, connect_timeout=10, read_timeout=60)
+        config = Config(retries=retries, connect_timeout=10, read_timeout=60, max_pool_connections=2 * TRANSFER_THREADS)
         self.client = boto3.session.Session().client("s3", config=config)
 
     def _call(self, what: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
@@ -197,15 +188,31 @@ class S3Store:
                           Bucket=self.where.bucket, Key=key)["Body"].read()
         return json.loads(body)
 
-    def upload(self, which: str, step: int, step_dir: Path) -> dict[str, Any]:
+    def _put(self, where: str, path: Path, key: str) -> dict[str, Any]:
+        """Upload one file; returns its size and SHA-256, of the very bytes sent when it is small."""
+        size = path.stat().st_size
+        if size <= SINGLE_PUT_BYTES:
+            data = path.read_bytes()
+            self._call(where, self.client.put_object, Bucket=self.where.bucket, Key=key, Body=data)
+            return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        digest = _sha256(path)  # large: streamed, then a multipart upload by s3transfer
+        self._call(where, self.client.upload_file, Filename=str(path), Bucket=self.where.bucket, Key=key)
+        return {"size": size, "sha256": digest}
+
+    def upload(self, which: str, step: int, step_dir: Path, exists: bool = True) -> dict[str, Any]:
         """Copy ``step_dir`` to ``<which>/<step>/`` and commit it; returns the COMMIT written.
-        A step already there (committed or not) is deleted first, so no stale file survives."""
-        files = _manifest(step_dir)
-        self.delete(which, step)
+        A step already there (``exists``, committed or not) is deleted first, so no stale file
+        survives. ``FileNotFoundError`` when Orbax deletes the step meanwhile."""
+        rels = sorted(p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file())
+        if not step_dir.is_dir():
+            raise FileNotFoundError(step_dir)
+        if exists:
+            self.delete(which, step)
         where = f"uploading iteration {step} to {self.where.url(which, step)}"
-        for rel in files:
-            self._call(where, self.client.upload_file, Filename=str(step_dir / rel),
-                       Bucket=self.where.bucket, Key=self.where.key(which, step, rel))
+        # Many small files: the requests overlap (S3 latency, not bandwidth, bounds them).
+        with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
+            sent = pool.map(lambda rel: self._put(where, step_dir / rel, self.where.key(which, step, rel)), rels)
+            files = dict(zip(rels, sent, strict=True))
         commit = {"format": FORMAT, "which": which, "step": step, "files": files}
         self._call(where, self.client.put_object, Bucket=self.where.bucket,
                    Key=self.where.key(which, step, COMMIT), Body=json.dumps(commit, sort_keys=True).encode())
@@ -219,9 +226,20 @@ class S3Store:
         while True:
             page = self._call(where, self.client.list_objects_v2, Bucket=self.where.bucket, Prefix=base)
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if not keys:
+            if keys:
+                self._call(where, self.client.delete_objects, Bucket=self.where.bucket, Delete={"Objects": keys, "Quiet": True})
+            if not page.get("IsTruncated"):
                 return
-            self._call(where, self.client.delete_objects, Bucket=self.where.bucket, Delete={"Objects": keys, "Quiet": True})
+
+    def _get(self, where: str, key: str, path: Path, want: dict[str, Any]) -> bool:
+        """Download one file; True when its size and SHA-256 are the manifest's."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if want["size"] <= SINGLE_PUT_BYTES:
+            data = self._call(where, self.client.get_object, Bucket=self.where.bucket, Key=key)["Body"].read()
+            path.write_bytes(data)
+            return len(data) == want["size"] and hashlib.sha256(data).hexdigest() == want["sha256"]
+        self._call(where, self.client.download_file, Bucket=self.where.bucket, Key=key, Filename=str(path))
+        return path.stat().st_size == want["size"] and _sha256(path) == want["sha256"]
 
     def download(self, which: str, step: int, dest: Path, scratch: Path) -> dict[str, Any] | str:
         """Download committed step ``which/step`` into ``dest`` (which must not exist), checking
@@ -230,14 +248,13 @@ class S3Store:
         tmp = scratch / f"{which}-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         where = f"downloading {self.where.url(which, step)}"
+        files = commit["files"]
         try:
-            for rel, want in commit["files"].items():
-                path = tmp / rel
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._call(where, self.client.download_file, Bucket=self.where.bucket,
-                           Key=self.where.key(which, step, rel), Filename=str(path))
-                if path.stat().st_size != want["size"] or _sha256(path) != want["sha256"]:
-                    return f"{rel} does not match the manifest in its COMMIT"
+            with ThreadPoolExecutor(TRANSFER_THREADS) as pool:
+                ok = pool.map(lambda rel: self._get(where, self.where.key(which, step, rel), tmp / rel, files[rel]), files)
+                bad = [rel for rel, good in zip(files, ok, strict=True) if not good]
+            if bad:
+                return f"{bad[0]} does not match the manifest in its COMMIT"
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp.rename(dest)
         finally:
@@ -261,6 +278,7 @@ class Mirror:
         self._requested = self._synced = 0  # generations: sync requests, and the last one done
         self._expected: dict[str, int] = {}
         self._confirmed: dict[tuple[str, int], dict] = {}  # (which, step) -> files, known uploaded
+        self._remote: dict[str, dict[int, bool]] = {}  # which -> the remote steps and their COMMIT
         self._error: str | None = None  # the last failure, while uploads are failing
         self._failures = 0
         self._flushing = self._closed = False
@@ -380,25 +398,35 @@ class Mirror:
             )
 
     def _sync(self) -> bool:
-        """One pass over latest and best; True while an expected save is not finished on disk."""
-        busy = False
-        for which, keep in self.keep.items():
-            with self._cond:
-                expected = self._expected.get(which)
-            local = local_steps(self.root / which)
-            if expected is not None and expected not in local:
-                busy = True
-            remote = self.store.listing(which)
-            committed = {s for s, done in remote.items() if done}
-            wanted = sorted(local | committed, reverse=True)[:keep]
-            for step in wanted:  # newest first
-                if step in local and not self._is_uploaded(which, step, step in committed):
-                    self._upload(which, step)
-            for step in remote:
-                if step not in wanted:
-                    self.store.delete(which, step)
-                    (self.root / RECORDS / f"{which}-{step}.json").unlink(missing_ok=True)
+        """One pass over latest and best; True while an expected save is not finished on disk
+        (then the thread looks again shortly: without S3 requests when nothing else changed)."""
+        with self._cond:
+            expected = dict(self._expected)
+        busy = any(step not in local_steps(self.root / which) for which, step in expected.items())
+        try:
+            for which, keep in self.keep.items():
+                self._sync_one(which, keep)
+        except BaseException:
+            self._remote = {}  # unknown after a failure: list again
+            raise
         return busy
+
+    def _sync_one(self, which: str, keep: int) -> None:
+        # This is the only writer under the prefix, so the listing is kept up to date here
+        # instead of being asked for again on every pass.
+        if which not in self._remote:
+            self._remote[which] = self.store.listing(which)
+        remote = self._remote[which]
+        local = local_steps(self.root / which)
+        committed = {s for s, done in remote.items() if done}
+        wanted = sorted(local | committed, reverse=True)[:keep]
+        for step in wanted:  # newest first, then the old ones go
+            if step in local and not self._is_uploaded(which, step, step in committed):
+                self._upload(which, step, remote)
+        for step in [s for s in remote if s not in wanted]:
+            self.store.delete(which, step)
+            del remote[step]
+            (self.root / RECORDS / f"{which}-{step}.json").unlink(missing_ok=True)
 
     def _is_uploaded(self, which: str, step: int, committed: bool) -> bool:
         if (which, step) in self._confirmed:
@@ -412,14 +440,18 @@ class Mirror:
         self._confirmed[(which, step)] = {}
         return True
 
-    def _upload(self, which: str, step: int) -> None:
+    def _upload(self, which: str, step: int, remote: dict[int, bool]) -> None:
         try:
-            commit = self.store.upload(which, step, self.root / which / str(step))
+            exists = step in remote
+            remote.setdefault(step, False)  # from here on objects of it may exist remotely
+            commit = self.store.upload(which, step, self.root / which / str(step), exists=exists)
         except FileNotFoundError:
             # Orbax deleted the step meanwhile (it kept newer ones); its COMMIT was never written.
             # (Reading a file being deleted under a POSIX open handle gives whole bytes.)
             self.store.delete(which, step)
+            del remote[step]
             return
+        remote[step] = True
         records = self.root / RECORDS
         records.mkdir(parents=True, exist_ok=True)
         (records / f"{which}-{step}.json").write_text(json.dumps(commit, sort_keys=True))
