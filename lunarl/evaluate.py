@@ -7,7 +7,11 @@ success rate and the episode length. ``eval.video=true`` also writes a video of 
 episode of seed 0's policy to ``<run.dir>/videos/`` (MP4; ``eval.video_format=gif`` for a GIF).
 ``+env.FIELD=VALUE`` evaluates in a variant of the saved env (other reward weights, more rocks),
 as long as the observation and action sizes stay the same.
-Exit codes: 0 done; 1 missing run dir or checkpoint, or a bad override (the message names it);
+A run trained with ``checkpoint.dir=s3://...`` (or ``checkpoint_dir=s3://bucket/prefix`` with
+any ``run.dir`` for the output, e.g. on another machine) is evaluated from the bucket: the
+checkpoint is downloaded into ``~/.cache/lunarl/s3/`` (``$XDG_CACHE_HOME``), nothing is written
+to the bucket.
+Exit codes: 0 done; 1 missing run dir or checkpoint, an unreachable bucket, or a bad override (the message names it);
 4 the checkpoint is damaged (every array is read and checked against the digest saved with it).
 """
 
