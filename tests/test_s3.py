@@ -42,7 +42,7 @@ moto_server = pytest.importorskip("moto.server")
 
 from lunarl.run.checkpoint import CheckpointError, Checkpoints, CheckpointUploadFailed  # noqa: E402
 from lunarl.run.remote import COMMIT, S3Location, S3Store  # noqa: E402
-from lunarl.run.restore import restore_run  # noqa: E402
+from lunarl.run.restore import checkpoint_dir_of, restore_run  # noqa: E402
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -254,12 +254,14 @@ def test_remote_step_without_commit_is_ignored_and_a_damaged_one_skipped(s3, tmp
         client.copy_object(Bucket=BUCKET, Key=key.replace("/latest/4/", "/latest/8/"), CopySource={"Bucket": BUCKET, "Key": key})
     damaged = next(k for k in objects if k.endswith("_CHECKPOINT_METADATA")).replace("/latest/4/", "/latest/8/")
     client.put_object(Bucket=BUCKET, Key=damaged, Body=b"{}")
-    assert _remote(prefix, "latest") == {2: True, 4: True, 6: False, 8: True}
+    client.put_object(Bucket=BUCKET, Key=f"{prefix}/latest/10/{COMMIT}", Body=b"not json")  # a foreign marker
+    assert _remote(prefix, "latest") == {2: True, 4: True, 6: False, 8: True, 10: True}
 
     # A fresh machine: nothing local.
     reader = Checkpoints(f"s3://{BUCKET}/{prefix}", create=False, staging=str(tmp_path / "fresh"), pull=("latest",), report=notes.append)
     try:
         assert reader.latest_step() == 4
+        assert any(f"skipping s3://{BUCKET}/{prefix}/latest/10: its COMMIT is not a lunarl manifest" in n for n in notes)
         assert any(f"skipping s3://{BUCKET}/{prefix}/latest/8" in n and "_CHECKPOINT_METADATA" in n for n in notes)
         state, _, meta = reader.restore("latest", _state(0))
         assert meta["iteration"] == 4
@@ -267,7 +269,7 @@ def test_remote_step_without_commit_is_ignored_and_a_damaged_one_skipped(s3, tmp
         assert not (tmp_path / "fresh" / "latest" / "8").exists() and not (tmp_path / "fresh" / "latest" / "6").exists()
     finally:
         reader.close()
-    assert _remote(prefix, "latest") == {2: True, 4: True, 6: False, 8: True}  # a reader writes nothing
+    assert _remote(prefix, "latest") == {2: True, 4: True, 6: False, 8: True, 10: True}  # a reader writes nothing
 
 
 def test_unreachable_endpoint_or_missing_bucket_is_one_line(s3, tmp_path, monkeypatch):
@@ -383,11 +385,14 @@ def test_resume_on_an_empty_local_disk_is_bit_identical(runs, s3_env):
     assert _local(run_dir / "checkpoints", "best") == _local(full / "checkpoints", "best")
 
 
-def test_evaluate_reads_an_s3_checkpoint(full, s3_env):
+def test_evaluate_reads_an_s3_checkpoint(full, s3_env, tmp_path):
+    # The run's config.yaml names its s3:// dir: lunarl.evaluate run.dir=RUN reads from there.
+    assert checkpoint_dir_of(full) == f"s3://{BUCKET}/full"
+    # Another machine: nothing but the bucket, and a dir for the results.
     cache = Path(s3_env["XDG_CACHE_HOME"]) / "lunarl" / "s3" / BUCKET / "full"
     best = _local(full / "checkpoints", "best")[0]
-    # run.dir's config.yaml names the s3:// dir; the checkpoint is read from a downloaded copy.
-    proc = run_app(s3_env, "lunarl.evaluate", f"run.dir={full}", "checkpoint=best", "eval.episodes=3", cwd=full)
+    proc = run_app(s3_env, "lunarl.evaluate", f"run.dir={tmp_path}", f"checkpoint_dir=s3://{BUCKET}/full",
+                   "checkpoint=best", "eval.episodes=3", cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(Path(proc.stdout.strip().splitlines()[-1].split()[1]).read_text())
     assert result["iteration"] == best and result["agent"] == "counter" and np.isfinite(result["eval/episode_return"])

@@ -126,6 +126,12 @@ def _one_line(err: BaseException) -> str:
     return " ".join(text.split())[:240]
 
 
+def _safe_relative(rel: str) -> bool:
+    """A manifest's file name stays inside the step dir (no absolute path, no ``..``)."""
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -182,11 +188,21 @@ class S3Store:
     def committed(self, which: str) -> list[int]:
         return sorted(s for s, done in self.listing(which).items() if done)
 
-    def read_commit(self, which: str, step: int) -> dict[str, Any]:
-        key = self.where.key(which, step, COMMIT)
-        body = self._call(f"reading {self.where.url(which, step, COMMIT)}", self.client.get_object,
-                          Bucket=self.where.bucket, Key=key)["Body"].read()
-        return json.loads(body)
+    def _read(self, where: str, key: str) -> bytes:
+        """One object's bytes (reading the body can fail too, so it is inside ``_call``)."""
+        return self._call(where, lambda: self.client.get_object(Bucket=self.where.bucket, Key=key)["Body"].read())
+
+    def read_commit(self, which: str, step: int) -> dict[str, Any] | None:
+        """A step's COMMIT, or None when it is not a manifest this version wrote."""
+        body = self._read(f"reading {self.where.url(which, step, COMMIT)}", self.where.key(which, step, COMMIT))
+        try:
+            commit = json.loads(body)
+        except ValueError:
+            return None
+        files = commit.get("files") if isinstance(commit, dict) and commit.get("format") == FORMAT else None
+        if not isinstance(files, dict) or any(not _safe_relative(rel) for rel in files):
+            return None
+        return commit
 
     def _put(self, where: str, path: Path, key: str) -> dict[str, Any]:
         """Upload one file; returns its size and SHA-256, of the very bytes sent when it is small."""
@@ -235,7 +251,7 @@ class S3Store:
         """Download one file; True when its size and SHA-256 are the manifest's."""
         path.parent.mkdir(parents=True, exist_ok=True)
         if want["size"] <= SINGLE_PUT_BYTES:
-            data = self._call(where, self.client.get_object, Bucket=self.where.bucket, Key=key)["Body"].read()
+            data = self._read(where, key)
             path.write_bytes(data)
             return len(data) == want["size"] and hashlib.sha256(data).hexdigest() == want["sha256"]
         self._call(where, self.client.download_file, Bucket=self.where.bucket, Key=key, Filename=str(path))
@@ -245,6 +261,8 @@ class S3Store:
         """Download committed step ``which/step`` into ``dest`` (which must not exist), checking
         every file against its manifest. Returns the COMMIT, or why the step is unusable."""
         commit = self.read_commit(which, step)
+        if commit is None:
+            return f"its {COMMIT} is not a lunarl manifest"
         tmp = scratch / f"{which}-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         where = f"downloading {self.where.url(which, step)}"
@@ -435,7 +453,11 @@ class Mirror:
         if not committed or not record.is_file():
             return False
         # Uploaded by an earlier session of this run: the same COMMIT as the one written then.
-        if json.loads(record.read_text()) != self.store.read_commit(which, step):
+        try:
+            saved = json.loads(record.read_text())
+        except ValueError:
+            return False
+        if saved != self.store.read_commit(which, step):
             return False
         self._confirmed[(which, step)] = {}
         return True
