@@ -53,6 +53,7 @@ class Panel:
     x: str = "global_step"
     smooth: bool = False  # add a moving average (noisy per-chunk episode statistics)
     percent: bool = False  # values in [0, 1] shown as %
+    optional: bool = False  # an agent's own metrics: drawn only for runs that log them
 
 
 PANELS: tuple[Panel, ...] = (
@@ -61,6 +62,8 @@ PANELS: tuple[Panel, ...] = (
     Panel("eval_return", "Evaluation return (deterministic policy)", ("eval/episode_return",), "return per episode"),
     Panel("eval_success", "Evaluation success rate (deterministic policy)", ("eval/success_rate",), "episodes that succeeded", percent=True),
     Panel("losses", "Losses and optimiser statistics", ("losses/*",), ""),
+    Panel("world_model", "World model: losses and latent statistics", ("world_model/*",), "", optional=True),
+    Panel("behaviour", "Actor, critic and imagined rollouts", ("actor/*", "critic/*", "imagination/*"), "", optional=True),
     Panel("steps_per_second", "Training throughput", ("perf/steps_per_second",), "env steps / s (all seeds)"),
     Panel("return_vs_time", "Return against wall-clock time", ("charts/episode_return", "eval/episode_return"), "return per episode", x="time", smooth=True),
 )
@@ -299,7 +302,9 @@ def _style_axis(ax: Any, panel: Panel, metric: str, multi: bool, right: float) -
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
         ax.set_ylim(-0.03, 1.03)
     if multi:
-        ax.set_title(metric.split("/")[-1].replace("_", " "), fontsize=10)
+        # With several prefixes in one grid (actor/loss, critic/loss) the prefix tells them apart.
+        name = metric if len(panel.metrics) > 1 else metric.split("/")[-1]
+        ax.set_title(name.replace("/", ": ").replace("_", " "), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.tick_params(labelsize=8)
 

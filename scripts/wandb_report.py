@@ -30,7 +30,7 @@ VIDEO_KEY = "eval/video"
 
 
 def line_plot(panel: Panel) -> Any:
-    """One ``wr.LinePlot`` for ``panel``: a ``prefix/*`` panel becomes a regex over the prefix."""
+    """One ``wr.LinePlot`` for ``panel``: ``prefix/*`` entries become one regex over the prefixes."""
     import wandb_workspaces.reports.v2 as wr
 
     regex = [m for m in panel.metrics if m.endswith("/*")]
@@ -45,7 +45,9 @@ def line_plot(panel: Panel) -> Any:
         "smoothing_show_original": panel.smooth,
     }
     if regex:
-        kwargs["metric_regex"] = "^" + regex[0][:-1].replace("/", "\\/") + ".*"
+        prefixes = [m[:-2] for m in regex]  # "actor/*" -> "actor"
+        alternatives = prefixes[0] if len(prefixes) == 1 else "(" + "|".join(prefixes) + ")"
+        kwargs["metric_regex"] = "^" + alternatives + "\\/.*"
     else:
         kwargs["y"] = list(panel.metrics)
     if panel.percent:

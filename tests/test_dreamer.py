@@ -19,6 +19,7 @@ from brax.envs.base import Wrapper
 from conftest import run_app
 
 import lunarl
+from lunarl import report
 from lunarl.agents import get as get_agent
 from lunarl.agents import replay as replay_lib
 from lunarl.agents.dreamer import agent as dreamer
@@ -392,6 +393,12 @@ def test_dreamer_trains_logs_and_evaluates_through_the_apps(uninterrupted, app_e
     result = json.loads(Path(proc.stdout.strip().splitlines()[-1].split()[1]).read_text())
     assert result["agent"] == "dreamer" and result["iteration"] == 6
     assert np.isfinite(result["eval/episode_return"])
+
+    # The report draws Dreamer's own panels (world model, actor/critic/imagination), not PPO's losses.
+    out = uninterrupted / "report"
+    assert report.main([str(uninterrupted), "--out", str(out)]) == 0
+    pngs = {p.stem for p in out.glob("*.png")}
+    assert {"world_model", "behaviour", "eval_return"} <= pngs and "losses" not in pngs
 
 
 def test_dreamer_resumes_bit_identically_with_its_replay(uninterrupted, resumed):

@@ -20,8 +20,12 @@ def test_every_offline_panel_is_a_wandb_line_plot_of_the_same_metrics():
     assert [p.title for p in plots] == [p.title for p in PANELS]
     for panel, plot in zip(PANELS, plots, strict=True):
         config = plot._to_model().config  # what wandb stores; built without any network
-        if panel.metrics[0].endswith("/*"):
+        if panel.name == "losses":
             assert config.use_metric_regex and config.metric_regex == "^losses\\/.*"
+        elif panel.name == "behaviour":
+            assert config.use_metric_regex and config.metric_regex == "^(actor|critic|imagination)\\/.*"
+        elif panel.metrics[0].endswith("/*"):
+            assert config.use_metric_regex and config.metric_regex == "^" + panel.metrics[0][:-2] + "\\/.*"
         else:
             assert config.metrics == list(panel.metrics)
         assert config.x_axis == ("global_step" if panel.x == "global_step" else "_absolute_runtime")
