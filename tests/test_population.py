@@ -271,3 +271,32 @@ def test_a_resumed_population_with_pbt_ends_as_an_uninterrupted_one(resumed_popu
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert _lines(full / "population.jsonl") == _lines(resumed_population / "population.jsonl")
+
+
+@pytest.mark.parametrize(("agent_name", "varied"), [("ppo", "entropy_coef"), ("sac", "tau"), ("dreamer", "actor_lr")])
+def test_every_agent_holds_its_hyperparameters_in_the_state(agent_name, varied):
+    """Through the contract only (traced, nothing compiled): the population state of each agent
+    carries a float32 [rows] leaf per varied hyperparameter, and the agent reads it in train_step."""
+    from lunarl import agents
+    from lunarl.run.programs import state_shapes
+
+    agent = agents.get(agent_name)
+    assert varied in agent.hyperparameters
+    env = PointGoal()
+    small = {"ppo": {}, "sac": dict(buffer_size=64, batch_size=8, warmup_steps=0),
+             "dreamer": dict(buffer_size=64, batch_size=2, seq_len=4)}[agent_name]
+    cfg = agent.config_class.build(num_envs=2, episode_length=8, **small)
+    default = float(getattr(cfg, varied))
+    pop = Population.build(PopulationSchema(size=2, values={"agent": {varied: [default, default * 0.5]}}), agent, cfg, 0, 2, 1)
+    wrapped = pop.agent(agent)
+    shapes = state_shapes(wrapped, env, cfg, pop.rows)
+    assert shapes.agent.hparams[varied].shape == (4,) and shapes.agent.hparams[varied].dtype == np.float32
+    one_row = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), shapes)
+    _, metrics = jax.eval_shape(wrapped.train_step, one_row)
+    assert metrics[f"hparams/{varied}"].shape == ()
+    # The agent's train_step reads the value: its program takes the leaf as an input.
+    jaxpr = jax.make_jaxpr(wrapped.train_step)(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), one_row))
+    leaves = jax.tree_util.tree_leaves_with_path(one_row)
+    index = [i for i, (path, _) in enumerate(leaves) if varied in jax.tree_util.keystr(path)]
+    assert len(index) == 1
+    assert id(jaxpr.jaxpr.invars[index[0]]) in {id(v) for eqn in jaxpr.jaxpr.eqns for v in eqn.invars}

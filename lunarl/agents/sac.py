@@ -72,6 +72,7 @@ from lunarl.agents.base import (
     Policy,
     as_raw_key,
     episode_metrics,
+    hyperparameter,
     stateless,
 )
 from lunarl.agents.networks import ACTIVATIONS, MLP, RunningStats, feature_size, observation_features
@@ -234,6 +235,7 @@ class TrainState(struct.PyTreeNode):
     iteration: jax.Array  # int32 scalar
     env_steps: jax.Array  # int32 scalar, this seed's env steps
     gradient_steps: jax.Array  # int32 scalar
+    hparams: dict[str, jax.Array]  # per-row hyperparameters (``HYPERPARAMETERS``); empty: ``cfg``'s
     env: LunarEnv = struct.field(pytree_node=False)  # the unbatched env; wrapped on use
     cfg: SACConfig = struct.field(pytree_node=False)
 
@@ -258,8 +260,10 @@ def _feature_size(env: LunarEnv, cfg: SACConfig) -> int:
     return feature_size(env, cfg.angle_features)
 
 
-def _adam(cfg: SACConfig) -> optax.GradientTransformation:
-    return optax.adam(cfg.learning_rate)
+def _adam(cfg: SACConfig, learning_rate: Any = None) -> optax.GradientTransformation:
+    # Adam's state does not depend on the step size, so a population's per-row learning rate
+    # (an array) builds the same state as the config's.
+    return optax.adam(cfg.learning_rate if learning_rate is None else learning_rate)
 
 
 def _example_transition(env: LunarEnv) -> Transition:
@@ -305,6 +309,7 @@ def init(rng: jax.Array, env: LunarEnv, cfg: SACConfig) -> TrainState:
         iteration=jnp.zeros((), jnp.int32),
         env_steps=jnp.zeros((), jnp.int32),
         gradient_steps=jnp.zeros((), jnp.int32),
+        hparams={},
         env=env,
         cfg=cfg,
     )
@@ -441,19 +446,20 @@ def td_target(
 def _sample_batches(ts: TrainState, rng: jax.Array, stats: RunningStats) -> Batch:
     """``updates_per_iteration`` batches at once (leaves [U, batch_size, ...]), normalised."""
     cfg = ts.cfg
+    gamma = hyperparameter(ts, "gamma")
     count = cfg.updates_per_iteration * cfg.batch_size
     if cfg.n_step == 1:
         t = replay_lib.sample(ts.replay, rng, count)
-        reward, discount, next_obs = t.reward, cfg.gamma * (1.0 - t.terminated), t.next_obs
+        reward, discount, next_obs = t.reward, gamma * (1.0 - t.terminated), t.next_obs
     else:
         seq = replay_lib.sample_sequences(ts.replay, rng, count, cfg.n_step)
         t = jax.tree.map(lambda x: x[:, 0], seq)
-        reward, discount, next_obs = n_step_targets(seq, cfg.gamma)
+        reward, discount, next_obs = n_step_targets(seq, gamma)
     features = lambda o: _features(ts.env, cfg, stats, o)  # noqa: E731
     batch = Batch(
         obs=features(t.obs),
         action=t.action,
-        reward=reward * cfg.reward_scaling,
+        reward=reward * hyperparameter(ts, "reward_scaling"),
         discount=discount,
         next_obs=features(next_obs),
     )
@@ -461,12 +467,14 @@ def _sample_batches(ts: TrainState, rng: jax.Array, stats: RunningStats) -> Batc
 
 
 def _learn(
-    env: LunarEnv, cfg: SACConfig, params: dict[str, Any], opt_state: dict[str, Any], batches: Batch, rng: jax.Array
+    env: LunarEnv, cfg: SACConfig, params: dict[str, Any], opt_state: dict[str, Any], batches: Batch, rng: jax.Array,
+    hparams: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, jax.Array]]:
     """``updates_per_iteration`` gradient steps on ``batches`` ([U, B, ...]): (params, opt_state,
-    metrics averaged over the steps)."""
+    metrics averaged over the steps). ``hparams`` overrides ``cfg``'s learning rate and tau."""
+    hp = {"learning_rate": cfg.learning_rate, "tau": cfg.tau} | dict(hparams or {})
     actor_net, critic_net = _actor(env, cfg), _critic(cfg)
-    adam = _adam(cfg)
+    adam = _adam(cfg, hp["learning_rate"])
     target_entropy = -float(env.action_size)
 
     def sample_action(actor_params: Any, obs: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -513,7 +521,7 @@ def _learn(
         else:
             alpha_opt = opt["log_alpha"]
 
-        target_p = jax.tree.map(lambda t, c: t + cfg.tau * (c - t), target_p, critic_p)
+        target_p = jax.tree.map(lambda t, c: t + hp["tau"] * (c - t), target_p, critic_p)
         opt = {"actor": actor_opt, "critic": critic_opt, "log_alpha": alpha_opt}
         metrics = {
             "losses/qf1_loss": per_critic[0],
@@ -574,7 +582,8 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
 
     def learn(operand):
         params, opt_state, batches = operand
-        return _learn(ts.env, cfg, params, opt_state, batches, k_learn)
+        hparams = {k: hyperparameter(ts, k) for k in ("learning_rate", "tau")}
+        return _learn(ts.env, cfg, params, opt_state, batches, k_learn, hparams)
 
     def skip(operand):
         params, opt_state, _ = operand
@@ -602,6 +611,10 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
 
 METRIC_NAMES = (*EPISODE_STATISTICS, EPISODES_FINISHED, "charts/gradient_steps", "charts/replay_size", *LOSS_METRICS)
 
+#: Config fields a population may set per row (``lunarl.run.population``). ``init_alpha`` is not
+#: one: it is only the starting point of the learned temperature, built into the state by ``init``.
+HYPERPARAMETERS = ("learning_rate", "tau", "gamma", "reward_scaling")
+
 AGENT = Agent(
     name="sac",
     config_class=SACConfig,
@@ -612,4 +625,5 @@ AGENT = Agent(
     env_axes=env_axes,
     metric_names=METRIC_NAMES,
     running_totals=("charts/gradient_steps", "charts/replay_size"),
+    hyperparameters=HYPERPARAMETERS,
 )

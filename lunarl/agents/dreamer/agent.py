@@ -48,6 +48,7 @@ from lunarl.agents.base import (
     Policy,
     as_raw_key,
     episode_metrics,
+    hyperparameter,
     reset_carry,
 )
 from lunarl.agents.dreamer import behavior
@@ -182,6 +183,10 @@ class Step:
     terminated: jax.Array  # 1.0 on a true termination (not a time limit)
 
 
+#: Config fields a population may set per row (``lunarl.run.population``): the learning rates.
+HYPERPARAMETERS = ("model_lr", "actor_lr", "critic_lr")
+
+
 class TrainState(struct.PyTreeNode):
     """Everything one Dreamer run carries between iterations; only arrays are pytree leaves."""
 
@@ -196,6 +201,7 @@ class TrainState(struct.PyTreeNode):
     iteration: jax.Array  # int32
     env_steps: jax.Array  # int32, this seed's env steps
     gradient_steps: jax.Array  # int32
+    hparams: dict[str, jax.Array]  # per-row learning rates (``HYPERPARAMETERS``); empty: ``cfg``'s
     env: LunarEnv = struct.field(pytree_node=False)
     cfg: DreamerConfig = struct.field(pytree_node=False)
 
@@ -220,14 +226,18 @@ def nets(env: LunarEnv, cfg: DreamerConfig) -> Nets:
     )
 
 
-def _optimizers(cfg: DreamerConfig) -> dict[str, optax.GradientTransformation]:
-    def opt(lr: float, clip: float, eps: float) -> optax.GradientTransformation:
+def _optimizers(cfg: DreamerConfig, lrs: dict[str, Any] | None = None) -> dict[str, optax.GradientTransformation]:
+    """The three optimisers; ``lrs`` overrides ``cfg``'s learning rates (a population row's
+    arrays: Adam's state does not depend on them, so it is the same state either way)."""
+    lr = {k: getattr(cfg, k) for k in HYPERPARAMETERS} | dict(lrs or {})
+
+    def opt(lr: Any, clip: float, eps: float) -> optax.GradientTransformation:
         return optax.chain(optax.clip_by_global_norm(clip), optax.adam(lr, eps=eps))
 
     return {
-        "world_model": opt(cfg.model_lr, cfg.model_clip, cfg.model_eps),
-        "actor": opt(cfg.actor_lr, cfg.actor_clip, cfg.ac_eps),
-        "critic": opt(cfg.critic_lr, cfg.critic_clip, cfg.ac_eps),
+        "world_model": opt(lr["model_lr"], cfg.model_clip, cfg.model_eps),
+        "actor": opt(lr["actor_lr"], cfg.actor_clip, cfg.ac_eps),
+        "critic": opt(lr["critic_lr"], cfg.critic_clip, cfg.ac_eps),
     }
 
 
@@ -267,6 +277,7 @@ def init(rng: jax.Array, env: LunarEnv, cfg: DreamerConfig) -> TrainState:
         iteration=jnp.zeros((), jnp.int32),
         env_steps=jnp.zeros((), jnp.int32),
         gradient_steps=jnp.zeros((), jnp.int32),
+        hparams={},
         env=env,
         cfg=cfg,
     )
@@ -401,10 +412,11 @@ def time_major(seq: Any) -> Any:
 
 def update(
     n: Nets, cfg: DreamerConfig, params: dict[str, Any], opt_state: dict[str, Any],
-    norm: behavior.ReturnNorm, seq: Step, rng: jax.Array,
+    norm: behavior.ReturnNorm, seq: Step, rng: jax.Array, lrs: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], behavior.ReturnNorm, dict[str, jax.Array]]:  # fmt: skip
-    """One gradient update on time-major sequences ``seq``: world model, actor, critic, slow critic."""
-    opts = _optimizers(cfg)
+    """One gradient update on time-major sequences ``seq``: world model, actor, critic, slow critic
+    (``lrs``: a population row's learning rates)."""
+    opts = _optimizers(cfg, lrs)
     k_wm, k_imagine = jax.random.split(rng)
     wm_grad = jax.value_and_grad(world_model_loss, argnums=1, has_aux=True)
     (_, (observed, wm_metrics)), grads = wm_grad(
@@ -444,12 +456,13 @@ def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any
     """``updates_per_iteration`` updates, each on a fresh sample of the replay; metrics averaged."""
     cfg = ts.cfg
     n = nets(ts.env, cfg)
+    lrs = {k: hyperparameter(ts, k) for k in HYPERPARAMETERS}
 
     def body(carry: tuple, key: jax.Array) -> tuple[tuple, dict]:
         params, opt_state, norm = carry
         k_sample, k_update = jax.random.split(key)
         seq = time_major(replay_lib.sample_sequences(ts.replay, k_sample, cfg.batch_size, cfg.seq_len))
-        params, opt_state, norm, metrics = update(n, cfg, params, opt_state, norm, seq, k_update)
+        params, opt_state, norm, metrics = update(n, cfg, params, opt_state, norm, seq, k_update, lrs)
         return (params, opt_state, norm), metrics
 
     keys = jax.random.split(rng, cfg.updates_per_iteration)
@@ -503,6 +516,7 @@ METRIC_NAMES = (*EPISODE_STATISTICS, EPISODES_FINISHED, "charts/gradient_steps",
 
 AGENT = Agent(
     name="dreamer",
+    hyperparameters=HYPERPARAMETERS,
     config_class=DreamerConfig,
     init=init,
     train_step=train_step,
