@@ -4,9 +4,9 @@ with the same run.dir resumes the study. Also the objective itself, and the refu
 minimising sweeper.
 
 The trials are the counter agent's tiny program of tests/test_agent_contract.py (same settings,
-so the session's compilation cache serves them). The default test sweeps ``seed``, which changes
-what is trained but not the compiled program, so 4 trials compile once; the slow test sweeps the
-learning rate as in the README.
+so the session's compilation cache serves them), one chunk each. The default test sweeps ``seed``,
+which changes what is trained but not the compiled program, so 4 trials compile once; the slow
+tests resume a study and sweep the learning rate as in the README.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SWEEP = [
     "-m",
     "hydra/sweeper=optuna_tpe",
     *COUNTER,
-    f"run.total_env_steps={2 * STEPS_PER_CHUNK}",
+    f"run.total_env_steps={STEPS_PER_CHUNK}",
     "hydra.sweep.subdir=trial${hydra.job.num}-${now:%H%M%S%f}",
     "name=optuna_test",
 ]
@@ -46,11 +46,16 @@ def _trial_objectives(sweep_dir: Path) -> dict[int, float]:
     return out
 
 
-def test_optuna_sweep_records_every_trial_and_resumes(app_env, tmp_path):
+def _sweep(app_env, tmp_path: Path, trials: int) -> Path:
     sweep_dir = tmp_path / "sweep"
     args = [*SWEEP, f"run.dir={sweep_dir}", "seed=int(interval(0,1000))"]
-    proc = run_app(app_env, "lunarl.train", *args, "hydra.sweeper.n_trials=4", cwd=tmp_path)
+    proc = run_app(app_env, "lunarl.train", *args, f"hydra.sweeper.n_trials={trials}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep_dir
+
+
+def test_optuna_sweep_records_every_trial(app_env, tmp_path):
+    sweep_dir = _sweep(app_env, tmp_path, 4)
     study = _study(sweep_dir)
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(trials) == 4 == len(study.trials)
@@ -62,12 +67,17 @@ def test_optuna_sweep_records_every_trial_and_resumes(app_env, tmp_path):
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert results["best_value"] == pytest.approx(max(t.value for t in trials))
 
-    # The same run.dir resumes the study: 2 more trials, in new trial dirs.
-    proc = run_app(app_env, "lunarl.train", *args, "hydra.sweeper.n_trials=2", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+@pytest.mark.slow
+def test_the_same_run_dir_resumes_the_study(app_env, tmp_path):
+    _sweep(app_env, tmp_path, 2)
+    sweep_dir = _sweep(app_env, tmp_path, 2)  # 2 more trials in the same study, in new trial dirs
     study = _study(sweep_dir)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 6
-    assert len(list(sweep_dir.glob("trial*"))) == 6
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert len(list(sweep_dir.glob("trial*"))) == 4
+    by_seed = _trial_objectives(sweep_dir)
+    assert {t.params["seed"] for t in study.trials} == set(by_seed)
 
 
 def test_a_minimising_sweeper_is_refused(app_env, tmp_path):
