@@ -46,9 +46,9 @@ def _trial_objectives(sweep_dir: Path) -> dict[int, float]:
     return out
 
 
-def _sweep(app_env, tmp_path: Path, trials: int) -> Path:
+def _sweep(app_env, tmp_path: Path, trials: int, *extra: str) -> Path:
     sweep_dir = tmp_path / "sweep"
-    args = [*SWEEP, f"run.dir={sweep_dir}", "seed=int(interval(0,1000))"]
+    args = [*SWEEP, f"run.dir={sweep_dir}", "seed=int(interval(0,100000))", *extra]
     proc = run_app(app_env, "lunarl.train", *args, f"hydra.sweeper.n_trials={trials}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return sweep_dir
@@ -71,13 +71,15 @@ def test_optuna_sweep_records_every_trial(app_env, tmp_path):
 @pytest.mark.slow
 def test_the_same_run_dir_resumes_the_study(app_env, tmp_path):
     _sweep(app_env, tmp_path, 2)
-    sweep_dir = _sweep(app_env, tmp_path, 2)  # 2 more trials in the same study, in new trial dirs
+    # 2 more trials in the same study, in new trial dirs; a new sampler seed, or its first
+    # (random) draws would repeat the first process's.
+    sweep_dir = _sweep(app_env, tmp_path, 2, "hydra.sweeper.sampler.seed=1")
     study = _study(sweep_dir)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert len(list(sweep_dir.glob("trial*"))) == 4
     by_seed = _trial_objectives(sweep_dir)
-    assert {t.params["seed"] for t in study.trials} == set(by_seed)
+    assert {t.params["seed"] for t in study.trials} == set(by_seed) and len(by_seed) == 4
 
 
 def test_a_minimising_sweeper_is_refused(app_env, tmp_path):
