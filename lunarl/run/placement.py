@@ -4,9 +4,11 @@
 ``data`` splits the env batch, which agents mark per TrainState leaf (``Agent.env_axes``): a
 leaf marked ``ENV_AXIS`` is sharded on ``data``, every other leaf (parameters, optimiser state,
 observation statistics, keys) is replicated across it. The compiled chunk keeps those shardings
-across its scan, and XLA's partitioner (GSPMD) inserts the collectives: a mean over the env
-batch, a gradient, the running observation statistics are reductions over the whole sharded
-batch, so N data devices give the same update as one (to float rounding).
+across its scan, and XLA's partitioner inserts the collectives: a mean over the env batch or the
+running observation statistics are reductions over the whole sharded batch, so N data devices
+give the same update as one (to float rounding). Where an agent's program mixes the batch
+across envs (PPO's shuffled minibatches) the partitioner gathers it, and that part runs whole
+on every data device: only the env stepping is split there.
 
 The mesh spans ``jax.devices()``: with several processes (``lunarl.run.distributed``) that is
 every process's devices, and each process holds only its own shards. The train app builds one
