@@ -19,6 +19,10 @@ stays local and is retried with backoff (every new save also retries at once). `
 for it, up to a deadline, and raises ``UploadFailed`` naming the bucket and step if the endpoint
 never answered.
 
+One run writes under a prefix (as with a local ``checkpoint.dir``): the mirror lists the remote
+side once and then keeps its own view of it. ``<staging>/.s3-commits/`` remembers the COMMIT
+of each local step uploaded, so a resumed run uploads only what an earlier session left local.
+
 Credentials, region, endpoint and retries come from boto3's standard chain (environment,
 ``~/.aws``, instance role; ``AWS_ENDPOINT_URL`` for an S3-compatible server; ``AWS_MAX_ATTEMPTS``
 and ``AWS_RETRY_MODE``), never from lunarl's config, and nothing here logs them.
