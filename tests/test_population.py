@@ -231,46 +231,46 @@ def _lines(path: pathlib.Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def resumed_population(tmp_path_factory, app_env) -> pathlib.Path:
-    run_dir = tmp_path_factory.mktemp("population") / "resumed"
-    _train_population(app_env, run_dir, 2)
-    proc = _train_population(app_env, run_dir, 3)
-    assert "resuming from checkpoint at iteration 4" in proc.stdout
+def population_run(tmp_path_factory, app_env) -> pathlib.Path:
+    run_dir = tmp_path_factory.mktemp("population") / "full"
+    _train_population(app_env, run_dir, 3)
     return run_dir
 
 
-def test_population_trains_logs_members_and_resumes_through_the_app(resumed_population):
+def test_population_trains_logs_members_and_checkpoints_through_the_app(population_run):
     from lunarl.run.restore import restore_run
 
-    lines = _lines(resumed_population / "population.jsonl")
+    lines = _lines(population_run / "population.jsonl")
     assert [(line["iteration"], line["event"]) for line in lines] == [(0, "init"), (2, "pbt"), (4, "pbt"), (6, "pbt")]
     assert lines[0]["hparams"]["learning_rate"] == pytest.approx([0.001, 0.05])
     assert all(len(line["copies"]) == 1 and len(line["score"]) == 2 for line in lines[1:])
-    rows = [r for r in _lines(resumed_population / "metrics.jsonl") if "toy/loss" in r]
+    rows = [r for r in _lines(population_run / "metrics.jsonl") if "toy/loss" in r]
     assert [r["iteration"] for r in rows] == [2, 4, 6]
     for r in rows:  # members (means over their seeds) and the best one under the plain keys
         best = int(r["population/best_member"])
         assert r["toy/loss"] == r[f"member{best}/toy/loss"]
         assert {"member0/hparams/learning_rate", "member1/hparams/learning_rate", "seed1/toy/loss"} <= set(r)
-    evals = [r for r in _lines(resumed_population / "metrics.jsonl") if "eval/success_rate" in r]
+    evals = [r for r in _lines(population_run / "metrics.jsonl") if "eval/success_rate" in r]
     assert all("member1/eval/episode_return" in r and "population/best_eval_member" in r for r in evals)
     # The checkpoint holds every row's hyperparameters: those of the last PBT step, per seed.
-    saved = restore_run(str(resumed_population / "checkpoints"), "latest")
+    saved = restore_run(str(population_run / "checkpoints"), "latest")
     assert saved.meta["iteration"] == 6 and saved.plan.num_rows == 4
     np.testing.assert_allclose(saved.state.agent.hparams["learning_rate"], np.repeat(lines[-1]["hparams"]["learning_rate"], 2), rtol=1e-6)
 
 
 @pytest.mark.slow
-def test_a_resumed_population_with_pbt_ends_as_an_uninterrupted_one(resumed_population, tmp_path, app_env):
+def test_a_resumed_population_with_pbt_ends_as_an_uninterrupted_one(population_run, tmp_path, app_env):
     from lunarl.run.restore import restore_run
 
-    full = tmp_path / "full"
-    _train_population(app_env, full, 3)
-    a = restore_run(str(full / "checkpoints"), "latest").state
-    b = restore_run(str(resumed_population / "checkpoints"), "latest").state
+    resumed = tmp_path / "resumed"
+    _train_population(app_env, resumed, 2)
+    proc = _train_population(app_env, resumed, 3)
+    assert "resuming from checkpoint at iteration 4" in proc.stdout
+    a = restore_run(str(population_run / "checkpoints"), "latest").state
+    b = restore_run(str(resumed / "checkpoints"), "latest").state
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert _lines(full / "population.jsonl") == _lines(resumed_population / "population.jsonl")
+    assert _lines(population_run / "population.jsonl") == _lines(resumed / "population.jsonl")
 
 
 @pytest.mark.parametrize(("agent_name", "varied"), [("ppo", "entropy_coef"), ("sac", "tau"), ("dreamer", "actor_lr")])
