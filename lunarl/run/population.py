@@ -97,6 +97,7 @@ class Population:
     choices: Mapping[str, np.ndarray]
     pbt: PBT | None
     seed: int
+    smoothing: float = 0.9  # of the running score (population.pbt.smoothing; used with or without PBT)
 
     @property
     def rows(self) -> int:
@@ -172,7 +173,7 @@ class Population:
                 raise PopulationError(f"population.pbt.perturb={list(perturb)} must be positive factors")
             pbt = PBT(every, float(pbt_node["quantile"]), perturb, float(pbt_node["resample_probability"]), float(pbt_node["smoothing"]))
         bounds = {name: fields[name].metadata.get("range", (None, None)) for name in table}
-        return cls(size, num_seeds, table, bounds, ranges, choices, pbt, seed)
+        return cls(size, num_seeds, table, bounds, ranges, choices, pbt, seed, float(pbt_node["smoothing"]))
 
     # ----------------------------------------------------------------------------------------
     # Rows
@@ -191,7 +192,7 @@ class Population:
         return {k: np.repeat(v, self.seeds) for k, v in self.table.items()}
 
     def agent(self, agent: Agent) -> Agent:
-        return population_agent(agent, self.table, self.pbt.smoothing if self.pbt else 0.9)
+        return population_agent(agent, self.table, self.smoothing)
 
     def assign(self, ts: Any) -> Any:
         """The stacked ``MemberState`` with every row's hyperparameters set, placed as it was."""
