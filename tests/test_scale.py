@@ -46,6 +46,7 @@ import jax, numpy as np
 import lunarl
 from lunarl.agents import ppo
 from lunarl.agents.base import DATA_AXIS_NAME
+import re
 from lunarl.run.placement import MeshTooWide, Placement
 from lunarl.run.programs import init_state, make_chunk, seed_keys
 
@@ -57,7 +58,8 @@ out = {}
 for n in (1, 4):
     placement = Placement.for_run(1, cfg.num_envs, jax.devices()[:n])
     ts = init_state(ppo.AGENT, env, cfg, seed_keys(3, 1), placement)
-    ts, metrics, finite = make_chunk(ppo.AGENT, env, 1, placement)(ts)
+    compiled = make_chunk(ppo.AGENT, env, 1, placement).lower(ts).compile()
+    ts, metrics, finite = compiled(ts)
     assert bool(finite)
     out[n] = (jax.tree_util.tree_leaves_with_path(ts), metrics)
     if n == 4:
@@ -67,6 +69,11 @@ for n in (1, 4):
         replicated = [x.sharding.is_fully_replicated for x in jax.tree.leaves((ts.params, ts.opt_state, ts.obs_stats))]
         metric_replicated = all(m.sharding.is_fully_replicated for m in metrics.values())
         describe = placement.describe()
+        # The largest all-reduce result (a tuple of arrays counts whole), in elements.
+        sizes = [sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for dims in re.findall(r"\[([0-9,]*)\]", line.split("all-reduce(")[0]))
+                 for line in compiled.as_text().splitlines() if " all-reduce(" in line]
+        largest_all_reduce = max(sizes, default=0)
+        largest_param = max(x.size for x in jax.tree.leaves(ts.params))
 diffs = {}
 for (path, a), (_, b) in zip(out[1][0], out[4][0], strict=True):
     a, b = np.asarray(a), np.asarray(b)
@@ -80,7 +87,8 @@ try:
 except MeshTooWide as e:
     too_wide = str(e)
 print(json.dumps(dict(diffs=diffs, sharded=sharded, replicated=replicated, metric_replicated=metric_replicated,
-                      describe=describe, too_wide=too_wide, seeds_mesh=Placement.for_run(2, 6, jax.devices()).describe())))
+                      describe=describe, too_wide=too_wide, largest_all_reduce=largest_all_reduce,
+                      largest_param=int(largest_param), seeds_mesh=Placement.for_run(2, 6, jax.devices()).describe())))
 """
 
 
@@ -106,6 +114,13 @@ def test_env_state_is_sharded_and_the_rest_replicated(equivalence):
     assert all(on_data and shards == 4 and local == 2 and total == 8 for on_data, shards, local, total in sharded), sharded
     assert all(equivalence["replicated"])
     assert equivalence["metric_replicated"]
+
+
+def test_each_device_learns_on_its_share_and_the_gradients_are_all_reduced(equivalence):
+    """PPO's minibatches are split over ``data`` (``base.split_on_data``): the compiled program
+    all-reduces the gradient (at least a weight matrix's worth of numbers), it does not run the
+    whole update on every device."""
+    assert equivalence["largest_all_reduce"] >= equivalence["largest_param"] > 1, equivalence
 
 
 def test_seeds_take_their_share_of_the_mesh_and_a_batch_that_does_not_split_is_refused(equivalence):

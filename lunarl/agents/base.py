@@ -56,6 +56,7 @@ __all__ = [
     "episode_metrics",
     "hyperparameter",
     "reset_carry",
+    "split_on_data",
     "stateless",
     "with_hyperparameters",
 ]
@@ -139,6 +140,18 @@ def as_raw_key(rng: jax.Array) -> jax.Array:
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         return jax.random.key_data(rng)
     return rng
+
+
+def split_on_data(x: jax.Array, axis: int = 0) -> jax.Array:
+    """``x`` with ``axis`` split over the ``data`` mesh axis, for arrays made from the env batch
+    that are not TrainState leaves (e.g. PPO's minibatches: each device computes the gradient of
+    its share and XLA all-reduces them). Unchanged unless traced in the host's chunk on a mesh
+    whose ``data`` axis has several devices (``lunarl.run.programs.make_chunk`` traces under its
+    mesh, with seeds vmapped as ``seed``), so single-device programs stay exactly as they were."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS_NAME not in mesh.axis_names or mesh.shape[DATA_AXIS_NAME] == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*(None,) * axis, DATA_AXIS_NAME))
 
 
 def reset_carry(carry: Carry, initial: Carry, is_first: jax.Array) -> Carry:

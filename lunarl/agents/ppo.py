@@ -55,6 +55,7 @@ from lunarl.agents.base import (
     as_raw_key,
     episode_metrics,
     hyperparameter,
+    split_on_data,
     stateless,
 )
 from lunarl.agents.networks import ACTIVATIONS, ActorCritic, RunningStats, feature_size, observation_features
@@ -413,6 +414,8 @@ def _learn(
         perm = shuffled_indices(key, batch_size)
         shuffled = jax.tree.map(lambda x: x[perm], data)
         minibatches = jax.tree.map(lambda x: x.reshape((cfg.num_minibatches, -1) + x.shape[1:]), shuffled)
+        # Data parallel (a data mesh axis): each device takes a share of every minibatch.
+        minibatches = jax.tree.map(lambda x: split_on_data(x, axis=1), minibatches)
         return jax.lax.scan(minibatch_step, carry, minibatches)
 
     (flat_params, opt_state), aux = jax.lax.scan(

@@ -6,9 +6,11 @@ leaf marked ``ENV_AXIS`` is sharded on ``data``, every other leaf (parameters, o
 observation statistics, keys) is replicated across it. The compiled chunk keeps those shardings
 across its scan, and XLA's partitioner inserts the collectives: a mean over the env batch or the
 running observation statistics are reductions over the whole sharded batch, so N data devices
-give the same update as one (to float rounding). Where an agent's program mixes the batch
-across envs (PPO's shuffled minibatches) the partitioner gathers it, and that part runs whole
-on every data device: only the env stepping is split there.
+give the same update as one (to float rounding). Arrays an agent builds from the batch that
+are not TrainState leaves (PPO's shuffled minibatches) are gathered by the partitioner unless
+the agent splits them with ``base.split_on_data`` (PPO does: each device then computes its share
+of each minibatch's gradient and XLA all-reduces them); the chunk is traced under this mesh,
+seeds vmapped as ``seed``, for that.
 
 The mesh spans ``jax.devices()``: with several processes (``lunarl.run.distributed``) that is
 every process's devices, and each process holds only its own shards. The train app builds one

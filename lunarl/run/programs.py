@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lunarl._platform import compile_options
-from lunarl.agents.base import Agent
+from lunarl.agents.base import SEED_AXIS_NAME, Agent
 from lunarl.run.placement import Placement
 
 __all__ = ["abstract_state", "init_state", "make_chunk", "seed_keys", "state_shapes"]
@@ -69,7 +69,9 @@ def make_chunk(
     all-reduces of gradients and batch statistics) and ``metrics`` and ``finite`` come back
     replicated, so every process can read them.
     """
-    step = jax.vmap(agent.train_step)
+    # Seeds vmapped as the ``seed`` mesh axis, so constraints an agent puts on one seed's arrays
+    # (``base.split_on_data``) keep the seed axis split too.
+    step = jax.vmap(agent.train_step, spmd_axis_name=SEED_AXIS_NAME if placement is not None else None)
 
     def pin(ts: Any) -> Any:
         if placement is None:
@@ -81,6 +83,12 @@ def make_chunk(
         return pin(ts), metrics
 
     def chunk(ts: Any) -> tuple[Any, dict, jax.Array]:
+        if placement is None:
+            return _chunk(ts)
+        with jax.sharding.use_abstract_mesh(placement.mesh.abstract_mesh):  # for split_on_data
+            return _chunk(ts)
+
+    def _chunk(ts: Any) -> tuple[Any, dict, jax.Array]:
         ts, metrics = jax.lax.scan(iteration, pin(ts), None, length=num_iterations)
         if set(metrics) != set(agent.metric_names):
             raise ValueError(
