@@ -385,9 +385,22 @@ def test_resume_on_an_empty_local_disk_is_bit_identical(runs, s3_env):
     assert _local(run_dir / "checkpoints", "best") == _local(full / "checkpoints", "best")
 
 
-def test_evaluate_reads_an_s3_checkpoint(full, s3_env, tmp_path):
+def test_a_saved_run_restores_from_s3_on_an_empty_disk(full, s3, tmp_path):
+    """What lunarl.evaluate does (its app run is the slow test below), in this process."""
     # The run's config.yaml names its s3:// dir: lunarl.evaluate run.dir=RUN reads from there.
     assert checkpoint_dir_of(full) == f"s3://{BUCKET}/full"
+    best = _local(full / "checkpoints", "best")[0]
+    for which, step in (("best", best), (6, 6)):
+        # Restoring checks the arrays against the digest in meta; the meta is the run's own.
+        saved = restore_run(f"s3://{BUCKET}/full", which, staging=str(tmp_path / "cache"))
+        assert saved.meta == json.loads((full / "checkpoints" / ("best" if which == "best" else "latest") / str(step) / "meta" / "metadata").read_text())
+    assert _local(tmp_path / "cache", "latest") == [6] and _local(tmp_path / "cache", "best") == [best]
+    with pytest.raises(CheckpointError, match=f"no checkpoint for iteration 4 in s3://{BUCKET}/full/latest"):
+        restore_run(f"s3://{BUCKET}/full", 4, staging=str(tmp_path / "cache"))
+
+
+@pytest.mark.slow
+def test_evaluate_reads_an_s3_checkpoint(full, s3_env, tmp_path):
     # Another machine: nothing but the bucket, and a dir for the results.
     cache = Path(s3_env["XDG_CACHE_HOME"]) / "lunarl" / "s3" / BUCKET / "full"
     best = _local(full / "checkpoints", "best")[0]
