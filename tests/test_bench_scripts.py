@@ -10,9 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
+# Compiles both trainers (lunarl's and Brax's) and runs them: ~2 min on 2 cores, so `make test-all`.
+@pytest.mark.slow
 def test_bench_ppo_writes_side_by_side_results(tmp_path):
     out = tmp_path / "bench_ppo.json"
     args = [
