@@ -1,10 +1,12 @@
-"""Env steps and wall-clock to the rover's learning threshold: the single default configuration
-(``+experiment=rover``) against the best member of a population of 8 learning rates, without and
-with PBT. Each is a real ``lunarl.train`` run; the threshold is the first evaluation whose
-(best member's) deterministic success rate reaches ``--threshold``. Writes
-``scripts/results/population_rover.json`` and prints a table (``population.md`` quotes it).
+"""Env steps and wall-clock to an experiment's learning threshold: the single default
+configuration (``+experiment=rover`` or ``car_track``) against the best member of a population of
+8 learning rates, without and with PBT. Each is a real ``lunarl.train`` run; the threshold is the
+first evaluation whose (best member's) deterministic success rate reaches ``--threshold``. Writes
+``scripts/results/population_<experiment>.json`` and prints a table (``population.md`` quotes it).
 
-    flock /tmp/lunarl-bench.lock python scripts/population_rover.py
+    flock /tmp/lunarl-bench.lock python scripts/population_threshold.py --experiment rover
+    flock /tmp/lunarl-bench.lock python scripts/population_threshold.py --experiment car_track \
+        --steps 1500000 --log-every 10 --eval-every 10 --pbt-every 10
 """
 
 from __future__ import annotations
@@ -22,15 +24,21 @@ POPULATION = ["population.size=8", "population.ranges.agent.learning_rate=[1e-4,
 CONFIGS = {
     "default": [],
     "population8": POPULATION,
-    "population8_pbt": [*POPULATION, "population.pbt.every=40"],
+    "population8_pbt": POPULATION,  # + population.pbt.every=--pbt-every
 }
 
 
 def run(name: str, extra: list[str], args: argparse.Namespace) -> dict:
     run_dir = args.dir / name
-    cmd = [sys.executable, "-m", "lunarl.train", "+experiment=rover", f"run.dir={run_dir}",
-           f"run.total_env_steps={args.steps}", "run.eval_every=40", f"run.eval_episodes={args.episodes}",
-           "run.checkpoint_every=1000", "logger.wandb.mode=disabled", "logger.console=false", *extra]  # fmt: skip
+    if run_dir.exists():  # the app would resume it and report its old evaluations as new
+        raise SystemExit(f"{run_dir} exists: pass another --dir or remove it")
+    if name.endswith("_pbt"):
+        extra = [*extra, f"population.pbt.every={args.pbt_every}"]
+    cmd = [sys.executable, "-m", "lunarl.train", f"+experiment={args.experiment}", f"run.dir={run_dir}",
+           f"run.total_env_steps={args.steps}", *([f"run.log_every={args.log_every}"] if args.log_every else []),
+           f"run.eval_every={args.eval_every}",
+           f"run.eval_episodes={args.episodes}", "run.checkpoint_every=100000", "logger.wandb.mode=disabled",
+           "logger.console=false", *extra]  # fmt: skip
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout,
                           env={**os.environ, "WANDB_MODE": "disabled"})  # fmt: skip
@@ -60,10 +68,16 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=64, help="evaluation episodes per seed")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--timeout", type=float, default=1500)
+    parser.add_argument("--experiment", default="rover", help="conf/experiment/<name>.yaml")
+    parser.add_argument("--eval-every", type=int, default=40, help="iterations between evaluations")
+    parser.add_argument("--pbt-every", type=int, default=40, help="iterations between PBT steps")
+    parser.add_argument("--log-every", type=int, default=None, help="iterations per chunk (default: the experiment's)")
     parser.add_argument("--only", nargs="*", default=list(CONFIGS))
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/lunarl_population_rover"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "population_rover.json")
+    parser.add_argument("--dir", type=Path, default=None, help="default /tmp/lunarl_population_<experiment>")
+    parser.add_argument("--out", type=Path, default=None, help="default scripts/results/population_<experiment>.json")
     args = parser.parse_args()
+    args.dir = args.dir or Path(f"/tmp/lunarl_population_{args.experiment}")
+    args.out = args.out or Path(__file__).parent / "results" / f"population_{args.experiment}.json"
     results = []
     for name in args.only:
         r = run(name, CONFIGS[name], args)
@@ -71,7 +85,7 @@ def main() -> None:
         print(f"{name}: threshold at {r['threshold_env_steps_per_member']} env steps per member "
               f"({r['threshold_env_steps_all_members']} all members), {r['threshold_wall_s']} s; best success "
               f"{r['best_success']}; run {r['wall_s']:.0f} s, exit {r['returncode']}", flush=True)
-        args.out.write_text(json.dumps({"threshold": args.threshold, "eval_episodes": args.episodes, "steps": args.steps,
+        args.out.write_text(json.dumps({"experiment": args.experiment, "threshold": args.threshold, "eval_episodes": args.episodes, "steps": args.steps,
                                         "load_average_at_end": os.getloadavg(), "runs": results}, indent=2) + "\n")
     print(f"wrote {args.out}")
 
