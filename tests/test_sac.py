@@ -342,7 +342,6 @@ def test_agent_yaml_lists_exactly_the_user_fields():
 
 
 @pytest.mark.slow  # about a minute: both trainers compile
-@pytest.mark.slow  # compiles and runs lunarl's and Brax's SAC: about a minute on 2 cores
 def test_bench_sac_writes_side_by_side_results(tmp_path):
     out = tmp_path / "bench_sac.json"
     args = [
