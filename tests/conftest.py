@@ -44,3 +44,20 @@ def run_app(app_env, module: str, *args: str, cwd: Path, timeout: float = 600) -
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, env=app_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def final_state(run_dir: Path):
+    """(iteration, seed-stacked TrainState) of a run's latest checkpoint under ``RUN_DIR/checkpoints``."""
+    from lunarl.run.restore import restore_run
+
+    saved = restore_run(str(run_dir / "checkpoints"), "latest")
+    return saved.meta["iteration"], saved.state
+
+
+def assert_same_state(a, b) -> None:
+    """Every leaf of two TrainStates equal bit for bit (the failing leaf's path in the message)."""
+    import jax
+    import numpy as np
+
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))

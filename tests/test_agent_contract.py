@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_app
+from conftest import REPO, assert_same_state, final_state, run_app
 
 import lunarl
 from lunarl.agents import get as get_agent
@@ -26,7 +26,6 @@ from lunarl.agents.base import reset_carry
 from lunarl.run.evaluation import rollout
 from lunarl.run.placement import Placement
 from lunarl.run.programs import init_state, make_chunk, seed_keys
-from lunarl.run.restore import restore_run
 from tests import counter_agent
 
 pytestmark = pytest.mark.timeout(900)
@@ -116,16 +115,6 @@ def _train(app_env, run_dir: Path, chunks: int, extra_env: dict | None = None):
     return proc
 
 
-def _final_state(run_dir: Path):
-    saved = restore_run(str(run_dir / "checkpoints"), "latest")
-    return saved.meta["iteration"], saved.state
-
-
-def _assert_same_state(a, b):
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, app_env) -> Path:
     run_dir = tmp_path_factory.mktemp("counter") / "full"
@@ -154,9 +143,9 @@ def test_counter_agent_resumes_bit_identically(uninterrupted, tmp_path, app_env)
     _train(app_env, run_dir, 2)
     proc = _train(app_env, run_dir, 4)
     assert "resuming from checkpoint at iteration 4" in proc.stdout
-    (it_a, a), (it_b, b) = _final_state(uninterrupted), _final_state(run_dir)
+    (it_a, a), (it_b, b) = final_state(uninterrupted), final_state(run_dir)
     assert it_a == it_b == 8
-    _assert_same_state(a, b)
+    assert_same_state(a, b)
 
 
 def test_checkpoint_written_on_two_devices_restores_on_one(uninterrupted, tmp_path, app_env):
@@ -167,5 +156,5 @@ def test_checkpoint_written_on_two_devices_restores_on_one(uninterrupted, tmp_pa
     proc = _train(app_env, run_dir, 4)
     assert "resuming from checkpoint at iteration 4" in proc.stdout
     assert "over 1 cpu device(s)" in proc.stdout
-    _assert_same_state(_final_state(uninterrupted)[1], _final_state(run_dir)[1])
+    assert_same_state(final_state(uninterrupted)[1], final_state(run_dir)[1])
     assert os.listdir(run_dir / "checkpoints" / "latest")

@@ -28,11 +28,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, run_app
+from conftest import REPO, assert_same_state, final_state, run_app
 
 from lunarl.run import cli
 from lunarl.run.checkpoint import CheckpointDamaged, Checkpoints, state_digest
-from lunarl.run.restore import restore_run
 from lunarl.run.schema import TrainSchema
 
 pytestmark = pytest.mark.timeout(900)
@@ -72,16 +71,6 @@ def _tree_digest(path: Path) -> dict[str, str]:
         str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(path.rglob("*")) if p.is_file()
     }  # fmt: skip
-
-
-def _final(run_dir: Path):
-    saved = restore_run(str(run_dir / "checkpoints"), "latest")
-    return saved.meta["iteration"], saved.state
-
-
-def _assert_same_state(a, b) -> None:
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
 @pytest.fixture(scope="module")
@@ -210,9 +199,9 @@ def test_damaged_latest_checkpoint_costs_one_checkpoint(kind, runs, app_env, tmp
     assert "resuming from checkpoint at iteration 6" in proc.stdout
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
     assert (run_dir / "checkpoints" / "corrupt" / "8" / "state").is_dir()  # moved aside, not deleted
-    (it_a, a), (it_b, b) = _final(runs["full"]), _final(run_dir)
+    (it_a, a), (it_b, b) = final_state(runs["full"]), final_state(run_dir)
     assert it_a == it_b == 12
-    _assert_same_state(a, b)
+    assert_same_state(a, b)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows if "losses/value_loss" in r] == [2, 4, 6, 8, 10, 12]
 
@@ -320,4 +309,4 @@ def test_random_sigkills_end_bit_identical(runs, app_env, tmp_path):
         kills = 0
         time.sleep(0.1)
     assert kills >= 5
-    _assert_same_state(_final(runs["full"])[1], _final(run_dir)[1])
+    assert_same_state(final_state(runs["full"])[1], final_state(run_dir)[1])

@@ -31,11 +31,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, run_app
+from conftest import REPO, assert_same_state, final_state, run_app
 
 pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -334,16 +333,6 @@ def _train(env, run_dir: Path, prefix: str, chunks: int, *extra: str) -> subproc
     return proc
 
 
-def _final(run_dir: Path):
-    saved = restore_run(str(run_dir / "checkpoints"), "latest")
-    return saved.meta["iteration"], saved.state
-
-
-def _assert_same_state(a, b) -> None:
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
-
-
 @pytest.fixture(scope="module")
 def runs(s3_env, tmp_path_factory) -> dict[str, Path]:
     """Side by side: ``full``, 4 chunks uninterrupted to s3://lunarl-test/full, and ``partial``,
@@ -378,9 +367,9 @@ def test_resume_on_an_empty_local_disk_is_bit_identical(runs, s3_env):
     shutil.rmtree(run_dir)  # a fresh machine: only the bucket remains
     proc = _train(s3_env, run_dir, "resume", 4)
     assert f"resuming from checkpoint at iteration 4 (env step {2 * STEPS_PER_CHUNK:,}) in s3://{BUCKET}/resume" in proc.stdout
-    (it_a, a), (it_b, b) = _final(full), _final(run_dir)
+    (it_a, a), (it_b, b) = final_state(full), final_state(run_dir)
     assert it_a == it_b == 8
-    _assert_same_state(a, b)
+    assert_same_state(a, b)
     _assert_mirrored("resume", run_dir / "checkpoints", "latest", [6, 8])
     assert _local(run_dir / "checkpoints", "best") == _local(full / "checkpoints", "best")
 
@@ -466,7 +455,7 @@ def test_server_lost_mid_run_keeps_training_then_exits_5_and_a_rerun_uploads(s3,
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lunarl.train: error: could not upload checkpoints to s3://lunarl-test/lost")
     assert f"latest {last}" in lines[0] and str(run_dir / "checkpoints") in lines[0]
-    assert _final(run_dir)[0] == last  # the local checkpoint is whole
+    assert final_state(run_dir)[0] == last  # the local checkpoint is whole
     assert _remote(prefix, "latest").get(last) is None
 
     rerun = _train(s3_env, run_dir, prefix, chunks)
@@ -508,6 +497,6 @@ def test_server_back_mid_run_and_sigterm_upload_then_resume_elsewhere(s3, s3_env
     shutil.rmtree(run_dir)
     resumed = _train(s3_env, run_dir, prefix, chunks)
     assert f"resuming from checkpoint at iteration {stopped} " in resumed.stdout
-    (it_a, a), (it_b, b) = _final(reference), _final(run_dir)
+    (it_a, a), (it_b, b) = final_state(reference), final_state(run_dir)
     assert it_a == it_b == chunks * 2
-    _assert_same_state(a, b)
+    assert_same_state(a, b)
