@@ -3,7 +3,8 @@
 Real PPO on the real rover env, with the smoke experiment cut to 20 iterations. One finished run
 is shared by the tests (module fixture); every process shares a persistent JAX compilation
 cache, so only the first run pays the full compile. wandb is disabled (offline in the multirun),
-so nothing touches the network.
+so nothing touches the network. Bad overrides and refused resumes are tested once, as a table,
+in ``test_faults.py``.
 """
 
 from __future__ import annotations
@@ -120,35 +121,6 @@ def test_sigterm_mid_run_leaves_a_loadable_checkpoint(tmp_path, app_env):
     assert int(state.iteration[0]) == step
 
 
-@pytest.mark.parametrize(
-    "override, culprit",
-    [
-        ("+experiment=no_such_experiment", "no_such_experiment"),
-        ("env.num_envs=-5", "env.num_envs"),
-        ("env.num_envs=abc", "env.num_envs"),
-        ("run.no_such_key=1", "no_such_key"),
-    ],
-)
-def test_bad_overrides_exit_nonzero_naming_the_culprit(override, culprit, tmp_path, app_env):
-    run_dir = tmp_path / "bad"
-    proc = run_app(app_env, "lunarl.train", *SMOKE, override, f"run.dir={run_dir}", cwd=tmp_path, timeout=120)
-    assert proc.returncode != 0
-    assert culprit in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not run_dir.exists()  # nothing left behind for a run that never started
-
-
-def test_resume_with_a_different_network_is_refused(finished_run, tmp_path, app_env):
-    before = sorted(p.name for p in (finished_run / "checkpoints" / "latest").iterdir())
-    resolved = (finished_run / "config.yaml").read_text()
-    proc = run_app(app_env, "lunarl.train", *SMOKE, "agent.policy_hidden=[64,64]", f"run.dir={finished_run}", cwd=tmp_path, timeout=300)
-    assert proc.returncode == 1
-    assert "agent.policy_hidden: [32, 32] (checkpoint) vs [64, 64] (now)" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert sorted(p.name for p in (finished_run / "checkpoints" / "latest").iterdir()) == before
-    assert (finished_run / "config.yaml").read_text() == resolved
-
-
 def test_evaluate_a_finished_run(finished_run, app_env, tmp_path):
     proc = run_app(
         app_env, "lunarl.evaluate", f"run.dir={finished_run}", "checkpoint=best", "eval.episodes=8", "eval.video=true", cwd=tmp_path
@@ -171,9 +143,6 @@ def test_evaluate_in_a_variant_of_the_saved_env(finished_run, app_env, tmp_path)
     assert "reward_rock_hit=-10 num_rocks=9" in proc.stdout
     [saved] = list(finished_run.glob("eval-latest-*-reward_rock_hit=-10-num_rocks=9.json"))
     assert json.loads(saved.read_text())["env_overrides"] == {"reward_rock_hit": -10, "num_rocks": 9}
-    # A bad value is named, and nothing is evaluated.
-    proc = run_app(app_env, "lunarl.evaluate", f"run.dir={finished_run}", "+env.num_rocks=-1", cwd=tmp_path, timeout=120)
-    assert proc.returncode == 1 and "num_rocks" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_learning_curve_script_reads_a_finished_run(finished_run, tmp_path):
@@ -191,17 +160,6 @@ def test_learning_curve_script_reads_a_finished_run(finished_run, tmp_path):
     assert "| 0.00 |" in proc.stdout and "first eval success >= 0.0" in proc.stdout
     proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "no metrics file" in proc.stderr
-
-
-@pytest.mark.parametrize("target", ["missing_dir", "missing_checkpoint"])
-def test_evaluate_missing_path_names_it(target, finished_run, app_env, tmp_path):
-    if target == "missing_dir":
-        args, culprit = [f"run.dir={tmp_path / 'nowhere'}"], str(tmp_path / "nowhere")
-    else:
-        args, culprit = [f"run.dir={finished_run}", "checkpoint=7"], "iteration 7"
-    proc = run_app(app_env, "lunarl.evaluate", *args, cwd=tmp_path, timeout=120)
-    assert proc.returncode == 1
-    assert culprit in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_multirun_gives_each_job_its_own_run_dir(tmp_path, app_env):
