@@ -8,6 +8,7 @@ fit a CPU budget; the learning checks that need minutes are marked ``slow``.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -41,6 +42,15 @@ from lunarl.run.restore import restore_run
 pytestmark = pytest.mark.timeout(900)
 
 NUM_ENVS = 16
+
+# XLA:CPU's backend optimisations cost more compile time than these small programs run for; the
+# assertions do not depend on them (and the resume comparison runs both sides with the same flags).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def fast_jit(fun, **kw):
+    return jax.jit(fun, compiler_options=FAST_COMPILE, **kw)
 
 
 class ForwardThrottle(Wrapper):
@@ -157,6 +167,8 @@ def test_straight_through_sample_is_one_hot_with_probability_gradients():
 @pytest.fixture(scope="module")
 def collected(env, cfg):
     """Random-action data: train replay (wrapped several times) and a held-out replay."""
+    # The collection loop compiled as training compiles it (not ``fast_jit``): at XLA's lowest
+    # optimisation level the env's observation and its ``final_obs`` can round differently.
     init = jax.jit(dreamer.init, static_argnums=(1, 2))
     ts = init(jax.random.PRNGKey(0), env, cfg)
     collect = jax.jit(dreamer.collect)
@@ -198,7 +210,7 @@ def test_is_first_resets_the_latent_in_training_and_acting(env, cfg, collected):
     # Two histories that differ only before step k.
     other = seq.replace(obs=seq.obs.at[:k].add(0.5), next_obs=seq.next_obs.at[:k].add(0.5),
                         action=seq.action.at[:k].multiply(-1.0))  # fmt: skip
-    run = jax.jit(lambda s: observe(net, params, s, jax.random.PRNGKey(5), cfg.unimix))
+    run = fast_jit(lambda s: observe(net, params, s, jax.random.PRNGKey(5), cfg.unimix))
     a, b = run(seq.replace(is_first=flags)), run(other.replace(is_first=flags))
     np.testing.assert_array_equal(a.latent.deter[k:], b.latent.deter[k:])
     np.testing.assert_array_equal(a.post[k:], b.post[k:])
@@ -212,7 +224,7 @@ def test_is_first_resets_the_latent_in_training_and_acting(env, cfg, collected):
     policy = dreamer.make_policy(env, cfg)
     obs = seq.obs[0, :2]
     carry = jax.tree.map(lambda x: x + 3.0, policy.initial_carry(2))
-    act = jax.jit(policy.act, static_argnums=5)
+    act = fast_jit(policy.act, static_argnums=5)
     pp = dreamer.policy_params(ts)
     action, new = act(pp, obs, carry, jnp.array([True, False]), jax.random.PRNGKey(0), True)
     fresh, fresh_carry = act(pp, obs, policy.initial_carry(2), jnp.array([True, True]), jax.random.PRNGKey(0), True)
@@ -235,7 +247,7 @@ def _train_world_model(env, cfg, replay, updates: int):
     loss_kw = dict(unimix=cfg.unimix, free_nats=cfg.free_nats, dyn_scale=cfg.dyn_scale,
                    rep_scale=cfg.rep_scale, twohot=TwoHot(cfg.num_bins))  # fmt: skip
 
-    @jax.jit
+    @fast_jit
     def train(params, replay, rng):
         def body(carry, key):
             params, opt_state = carry
@@ -285,7 +297,7 @@ def _reward_predictions(env, cfg, params, replay):
     twohot = TwoHot(cfg.num_bins)
     seq = dreamer.time_major(replay_lib.sample_sequences(replay, jax.random.PRNGKey(11), 256, CONTEXT + HORIZON))
 
-    @jax.jit
+    @fast_jit
     def predict(seq):
         filtered = observe(net, params, seq, jax.random.PRNGKey(12), cfg.unimix)
         logits, _ = net.apply(params, filtered.latent.feat, method=WorldModelNet.reward_and_cont)
@@ -353,8 +365,14 @@ APP = [
 STEPS_PER_CHUNK = 2 * 4 * 8
 
 
-def _train(app_env, run_dir: Path, chunks: int, *extra: str):
-    return run_app(app_env, "lunarl.train", *APP, f"run.total_env_steps={chunks * STEPS_PER_CHUNK}",
+@pytest.fixture(scope="module")
+def dreamer_env(app_env) -> dict[str, str]:
+    """The apps' environment with the fast-compile XLA flags (every Dreamer app run uses them)."""
+    return {**app_env, "XLA_FLAGS": f"{app_env.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()}
+
+
+def _train(dreamer_env, run_dir: Path, chunks: int, *extra: str):
+    return run_app(dreamer_env, "lunarl.train", *APP, f"run.total_env_steps={chunks * STEPS_PER_CHUNK}",
                    f"run.dir={run_dir}", *extra, cwd=run_dir.parent)  # fmt: skip
 
 
@@ -364,9 +382,10 @@ def _final_state(run_dir: Path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, app_env) -> Path:
+def uninterrupted(tmp_path_factory, dreamer_env) -> Path:
+    """The one training run the app tests share: 3 chunks, a checkpoint after each."""
     run_dir = tmp_path_factory.mktemp("dreamer") / "full"
-    proc = _train(app_env, run_dir, 3)
+    proc = _train(dreamer_env, run_dir, 3)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
 
@@ -375,7 +394,7 @@ def test_agent_is_registered():
     assert get_agent("dreamer") is dreamer.AGENT
 
 
-def test_dreamer_trains_logs_and_evaluates_through_the_apps(uninterrupted, app_env):
+def test_dreamer_trains_logs_and_evaluates_through_the_apps(uninterrupted, dreamer_env):
     rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "world_model/loss" in r]
     assert [r["iteration"] for r in train_rows] == [2, 4, 6]
@@ -388,7 +407,7 @@ def test_dreamer_trains_logs_and_evaluates_through_the_apps(uninterrupted, app_e
     assert train_rows[-1]["world_model/loss"] > 0 and train_rows[-1]["actor/entropy"] != 0
     assert [r["iteration"] for r in rows if "eval/episode_return" in r] == [2, 4, 6]
 
-    proc = run_app(app_env, "lunarl.evaluate", f"run.dir={uninterrupted}", "eval.episodes=4", cwd=uninterrupted)
+    proc = run_app(dreamer_env, "lunarl.evaluate", f"run.dir={uninterrupted}", "eval.episodes=4", cwd=uninterrupted)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(Path(proc.stdout.strip().splitlines()[-1].split()[1]).read_text())
     assert result["agent"] == "dreamer" and result["iteration"] == 6
@@ -401,6 +420,23 @@ def test_dreamer_trains_logs_and_evaluates_through_the_apps(uninterrupted, app_e
     assert {"world_model", "behaviour", "eval_return"} <= pngs and "losses" not in pngs
 
 
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, uninterrupted, dreamer_env) -> Path:
+    """The uninterrupted run as it was after its first chunk (its checkpoint at iteration 2 and
+    the config; metrics rows after 2 are dropped by the resume), resumed to the same end."""
+    run_dir = tmp_path_factory.mktemp("dreamer") / "resumed"
+    (run_dir / "checkpoints" / "latest").mkdir(parents=True)
+    shutil.copytree(uninterrupted / "checkpoints" / "latest" / "2", run_dir / "checkpoints" / "latest" / "2")
+    for name in ("config.yaml", "metrics.jsonl"):
+        shutil.copy(uninterrupted / name, run_dir / name)
+    it, half = _final_state(run_dir)
+    assert it == 2 and int(half.replay.size[0]) == 16  # the replay is in the checkpoint
+    proc = _train(dreamer_env, run_dir, 3)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from checkpoint at iteration 2" in proc.stdout
+    return run_dir
+
+
 def test_dreamer_resumes_bit_identically_with_its_replay(uninterrupted, resumed):
     (it_a, a), (it_b, b) = _final_state(uninterrupted), _final_state(resumed)
     assert it_a == it_b == 6
@@ -409,21 +445,8 @@ def test_dreamer_resumes_bit_identically_with_its_replay(uninterrupted, resumed)
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.fixture(scope="module")
-def resumed(tmp_path_factory, uninterrupted, app_env) -> Path:
-    run_dir = tmp_path_factory.mktemp("dreamer") / "resumed"
-    proc = _train(app_env, run_dir, 1)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    it, half = _final_state(run_dir)
-    assert it == 2 and int(half.replay.size[0]) == 16  # the replay is in the checkpoint
-    proc = _train(app_env, run_dir, 3)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from checkpoint at iteration 2" in proc.stdout
-    return run_dir
-
-
-def test_resume_with_another_model_size_is_refused(resumed, app_env):
-    proc = _train(app_env, resumed, 4, "agent.size=1m")
+def test_resume_with_another_model_size_is_refused(resumed, dreamer_env):
+    proc = _train(dreamer_env, resumed, 4, "agent.size=1m")
     assert proc.returncode != 0
     err = proc.stderr + proc.stdout
     assert "agent.size: 'tiny' (checkpoint) vs '1m' (now)" in err, err[-3000:]
@@ -465,3 +488,4 @@ def test_agent_improves_its_return_on_one_fixed_track(env):
     assert all(np.isfinite(float(v)) for v in metrics.values())
     after = float(evaluate(dreamer.policy_params(ts), jax.random.PRNGKey(1)))
     assert after > before + 3.0, (before, after)
+
