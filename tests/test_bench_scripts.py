@@ -51,6 +51,7 @@ def test_bench_ppo_rejects_bad_flags(tmp_path):
         assert proc.returncode != 0 and culprit in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # compiles every part of the iteration as its own program: ~30 s
 def test_profile_ppo_times_every_part(tmp_path):
     out = tmp_path / "profile_ppo.json"
     args = [
@@ -67,8 +68,11 @@ def test_profile_ppo_times_every_part(tmp_path):
     assert "minibatch_steps_ms" in result and "rest_ms" in result
     assert all(p["ms"] > 0 and p["cores"] > 0 for p in result["parts"].values())
     assert result["settings"]["num_envs"] == 8 and result["env_steps_per_s"] > 0
+
+
+def test_profile_ppo_rejects_bad_settings(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(SCRIPTS / "profile_ppo.py"), "--set", "num_epochs=0", "--out", str(out)],
+        [sys.executable, str(SCRIPTS / "profile_ppo.py"), "--set", "num_epochs=0", "--out", str(tmp_path / "p.json")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode != 0 and "num_epochs" in proc.stderr

@@ -117,6 +117,7 @@ def test_multiseed_programs_call_no_custom_kernels() -> None:
     assert _custom_call_targets(step_text) == []
 
 
+@pytest.mark.slow  # ~25 s; test_multiseed_programs_call_no_custom_kernels checks the root cause
 def test_multiseed_init_and_train_finish_on_cpu() -> None:
     env = dict(
         os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_with_fusion_emitters(os.environ.get("XLA_FLAGS", ""))
