@@ -12,11 +12,15 @@ Two stacks are measured:
 Compile time is the ahead-of-time ``lower().compile()`` of the scan. The Gymnasium adapter
 (``gymnasium.make("lunarl/<Env>-v0")``, one env, host round-trip per step) is timed for
 comparison. For env modules that expose ``mujoco_reference_steps_per_second(env, num_steps)``
-(kuka) the C MuJoCo rate is measured too and the MJX/C-MuJoCo ratio printed.
+(kuka) the C MuJoCo rate (one ``MjData``, one thread) is measured in the same run and every row's
+MJX/C-MuJoCo ratio printed; kuka's env step is one control step, so its rows are control steps/s.
+``--baseline`` compares each row with the same (mode, num_envs) row of an earlier JSON (e.g. one
+written from an older commit), for before/after tables.
 
     python scripts/bench_envs.py                                  # rover, 1..16384 envs
     python scripts/bench_envs.py --env car_track --num-envs 1024,4096 --repeats 3
     python scripts/bench_envs.py --xla-cpu-fusion-emitters on     # compare the XLA flag
+    python scripts/bench_envs.py --env kuka --baseline before.json   # 16/64/256 envs, vs an earlier run
 
 Results go to ``--out`` (default ``bench_results/bench_envs.json``). Numbers from a shared
 machine are noisy: quote medians and say so.
@@ -37,6 +41,8 @@ from typing import Any
 
 CPU_DEFAULT_NUM_ENVS = (1, 64, 1024, 4096, 16384)
 ACCELERATOR_DEFAULT_NUM_ENVS = (1, 64, 1024, 4096, 16384, 65536, 262144)
+# MJX on a CPU: thousands of env steps/s, so large batches take minutes per timed scan.
+CPU_DEFAULT_NUM_ENVS_BY_ENV = {"kuka": (16, 64, 256)}
 
 
 def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,6 +88,11 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("on", "off", "default"),
         default="default",
         help="XLA's multi-threaded CPU kernels (off can win on a busy, shared machine)",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="JSON of an earlier run of this script (same env): print and store each row's speed-up over it",
     )
     p.add_argument("--out", default="bench_results/bench_envs.json", help="JSON results file")
     return p.parse_args(argv)
@@ -176,8 +187,22 @@ def bench_gym(env_name: str, num_steps: int, seed: int, overrides: dict[str, Any
     return {"gym_id": ids[0], "steps": num_steps, "steps_per_s": num_steps / elapsed}
 
 
+def compare_with_baseline(rows: list[dict[str, Any]], baseline: dict[str, Any]) -> None:
+    """Add ``baseline_steps_per_s`` and ``speedup`` to each row that has a (mode, num_envs) match."""
+    before = {(r["mode"], r["num_envs"]): r["steps_per_s"] for r in baseline.get("results", [])}
+    for r in rows:
+        old = before.get((r["mode"], r["num_envs"]))
+        if old:
+            r["baseline_steps_per_s"] = old
+            r["speedup"] = r["steps_per_s"] / old
+
+
 def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
     headers = ["mode", "num_envs", "median steps/s", "best steps/s", "compile s"]
+    extra = [k for k in ("over_reference", "baseline_steps_per_s", "speedup") if any(k in r for r in rows)]
+    names = {"over_reference": "/ C mj_step", "baseline_steps_per_s": "baseline steps/s", "speedup": "speed-up"}
+    headers += [names[k] for k in extra]
+    fmt = {"over_reference": "{:.2f}", "baseline_steps_per_s": "{:,.0f}", "speedup": "{:.2f}x"}
     cells = [
         [
             r["mode"],
@@ -186,6 +211,7 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
             f"{r['best_steps_per_s']:,.0f}",
             f"{r['compile_s']:.1f}",
         ]
+        + [fmt[k].format(r[k]) if k in r else "-" for k in extra]
         for r in rows
     ]
     try:
@@ -226,10 +252,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as e:
         raise SystemExit(f"--set: {e}") from e
     backend = jax.default_backend()
+    baseline = None
+    if args.baseline:
+        baseline = json.loads(pathlib.Path(args.baseline).read_text())
+        if baseline.get("env") != args.env:
+            raise SystemExit(f"--baseline {args.baseline} is a run of env {baseline.get('env')!r}, not {args.env!r}")
     if args.num_envs:
         sizes = [int(s) for s in args.num_envs.split(",") if s]
+    elif backend == "cpu":
+        sizes = list(CPU_DEFAULT_NUM_ENVS_BY_ENV.get(args.env, CPU_DEFAULT_NUM_ENVS))
     else:
-        sizes = list(CPU_DEFAULT_NUM_ENVS if backend == "cpu" else ACCELERATOR_DEFAULT_NUM_ENVS)
+        sizes = list(ACCELERATOR_DEFAULT_NUM_ENVS)
     modes = [m for m in args.modes.split(",") if m]
 
     rows = []
@@ -253,6 +286,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "steps_per_s": ref_sps,
             "jax_over_reference": best_jax / ref_sps,
         }
+        for r in rows:
+            r["over_reference"] = r["steps_per_s"] / ref_sps
+    if baseline is not None:
+        compare_with_baseline(rows, baseline)
 
     _print_table(
         f"{args.env}: env steps/s on {backend} ({jax.devices()[0].device_kind}), {args.steps} steps per scan, median of {args.repeats}",
@@ -278,6 +315,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": rows,
         "gym": gym,
         "reference": reference,
+        "baseline": (
+            {"path": args.baseline, "date_utc": baseline.get("date_utc"), "reference": baseline.get("reference")}
+            if baseline is not None
+            else None
+        ),
         "machine": {
             "backend": backend,
             "device": jax.devices()[0].device_kind,
@@ -287,6 +329,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "python": sys.version.split()[0],
             "jax": jax.__version__,
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "load_average": os.getloadavg(),
         },
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "args": vars(args),
