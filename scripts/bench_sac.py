@@ -18,7 +18,9 @@ and the compilation, so for both
 * compile time = first chunk's wall time - median chunk time (so it includes the warm-up steps),
 
 for Brax from its own ``training/walltime`` (which starts before its prefill) reported through
-``progress_fn``. Brax evaluates after every chunk with one env, outside its timed region. Returns
+``progress_fn``. Brax evaluates after every chunk with one env, outside its timed region and
+outside its CPU-time window (process CPU time from one ``progress_fn`` call to the start of the
+next evaluation, marked by wrapping Brax's ``Evaluator.run_evaluation``). Returns
 are of the deterministic policy of each (tanh of the mean) on the same ``--eval-episodes`` reset
 keys, one episode each, by this script's own rollout. The pair runs ``--repeats`` times,
 alternating, and the headline numbers are medians (the ratio is the median of per-pair ratios).
@@ -98,50 +100,63 @@ def run_lunarl(env: LunarEnv, cfg: sac.SACConfig, chunks: int, chunk_iters: int,
 
 def run_brax(env: LunarEnv, cfg: sac.SACConfig, chunks: int, chunk_iters: int, seed: int):
     """(policy fn for ``greedy_eval``, its params, steps/s, compile s, chunk wall and CPU times)."""
+    from brax.training import acting
     from brax.training.agents.sac import networks as brax_networks
     from brax.training.agents.sac import train as brax_sac
 
     from lunarl.agents.networks import ACTIVATIONS
 
     walltimes: list[float] = []
-    cpu_marks: list[float] = [time.process_time()]
+    cpu_times: list[float] = []
+    # CPU time of each training epoch alone: from the end of the previous progress call (or the
+    # start) to the start of the next evaluation, which Brax runs between epoch and progress call
+    # and leaves out of its ``training/walltime`` too.
+    cpu_marks = {"epoch_start": time.process_time(), "eval_start": 0.0}
+    run_evaluation = acting.Evaluator.run_evaluation
+
+    def timed_evaluation(self, *args, **kwargs):
+        cpu_marks["eval_start"] = time.process_time()
+        return run_evaluation(self, *args, **kwargs)
 
     def progress(step: int, metrics: dict) -> None:
         if "training/walltime" in metrics:
             walltimes.append(float(metrics["training/walltime"]))
-            cpu_marks.append(time.process_time())
+            cpu_times.append(cpu_marks["eval_start"] - cpu_marks["epoch_start"])
+        cpu_marks["epoch_start"] = time.process_time()
 
     chunk_steps = chunk_iters * cfg.env_steps_per_iteration
-    make_inference, params, _ = brax_sac.train(
-        environment=env,
-        num_timesteps=cfg.warmup_steps + chunks * chunk_steps,
-        episode_length=cfg.episode_length,
-        wrap_env_fn=lambda e, episode_length, action_repeat, randomization_fn=None: wrap_for_training(
-            e, episode_length, action_repeat
-        ),
-        num_envs=cfg.num_envs,
-        num_eval_envs=1,
-        learning_rate=cfg.learning_rate,
-        discounting=cfg.gamma,
-        seed=seed,
-        batch_size=cfg.batch_size,
-        num_evals=chunks + 1,
-        normalize_observations=cfg.normalize_observations,
-        reward_scaling=cfg.reward_scaling,
-        tau=cfg.tau,
-        min_replay_size=cfg.warmup_steps,
-        max_replay_size=cfg.buffer_size,
-        grad_updates_per_step=int(cfg.utd_ratio),
-        network_factory=functools.partial(
-            brax_networks.make_sac_networks,
-            hidden_layer_sizes=cfg.actor_hidden,
-            activation=ACTIVATIONS[cfg.activation],
-        ),
-        progress_fn=progress,
-    )
+    acting.Evaluator.run_evaluation = timed_evaluation
+    try:
+        make_inference, params, _ = brax_sac.train(
+            environment=env,
+            num_timesteps=cfg.warmup_steps + chunks * chunk_steps,
+            episode_length=cfg.episode_length,
+            wrap_env_fn=lambda e, episode_length, action_repeat, randomization_fn=None: wrap_for_training(
+                e, episode_length, action_repeat
+            ),
+            num_envs=cfg.num_envs,
+            num_eval_envs=1,
+            learning_rate=cfg.learning_rate,
+            discounting=cfg.gamma,
+            seed=seed,
+            batch_size=cfg.batch_size,
+            num_evals=chunks + 1,
+            normalize_observations=cfg.normalize_observations,
+            reward_scaling=cfg.reward_scaling,
+            tau=cfg.tau,
+            min_replay_size=cfg.warmup_steps,
+            max_replay_size=cfg.buffer_size,
+            grad_updates_per_step=int(cfg.utd_ratio),
+            network_factory=functools.partial(
+                brax_networks.make_sac_networks,
+                hidden_layer_sizes=cfg.actor_hidden,
+                activation=ACTIVATIONS[cfg.activation],
+            ),
+            progress_fn=progress,
+        )
+    finally:
+        acting.Evaluator.run_evaluation = run_evaluation
     times = [walltimes[0]] + [b - a for a, b in itertools.pairwise(walltimes)]
-    # CPU time between progress calls; the first also holds Brax's set-up and its evaluations.
-    cpu_times = [b - a for a, b in itertools.pairwise(cpu_marks)]
     sps, compile_s = _chunk_stats(times, chunk_steps)
 
     def policy(p, obs):
