@@ -166,6 +166,22 @@ def test_layout_fixed_or_randomised(env, fns):
 
 
 @pytest.mark.timeout(300)
+def test_reset_frames_match_c_mujoco_kinematics(env, fns):
+    """reset shifts precomputed home-pose frames instead of running kinematics: they must be
+    what C MuJoCo's mj_kinematics computes for the reset's qpos and target."""
+    reset, _ = fns
+    m = env.mj_model
+    for seed in range(3):
+        data = reset(jax.random.PRNGKey(seed)).pipeline_state.data
+        d = mujoco.MjData(m)
+        d.qpos[:], d.mocap_pos[:], d.mocap_quat[:] = data.qpos, data.mocap_pos, data.mocap_quat
+        mujoco.mj_kinematics(m, d)
+        for name in ("xpos", "xquat", "xmat", "xipos", "ximat", "geom_xpos", "geom_xmat", "site_xpos", "site_xmat"):
+            got = np.asarray(getattr(data, name)).reshape(getattr(d, name).shape)
+            np.testing.assert_allclose(got, getattr(d, name), atol=1e-6, err_msg=name)
+
+
+@pytest.mark.timeout(300)
 def test_cube_at_rest_stays_put(env, fns):
     reset, step = fns
     state = reset(jax.random.PRNGKey(0))

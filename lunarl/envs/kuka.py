@@ -249,7 +249,7 @@ class Kuka(LunarEnv):
         self._home_ctrl = jnp.asarray(home.ctrl, dtype=jnp.float32)
         self._ctrl_low = jnp.asarray(model.actuator_ctrlrange[:, 0], dtype=jnp.float32)
         self._ctrl_high = jnp.asarray(model.actuator_ctrlrange[:, 1], dtype=jnp.float32)
-        self._data_template = mjx.make_data(self.mjx_model, impl="jax")
+        self._data_template = self._home_kinematics_template(model)
         self._renderer: OffscreenRenderer | None = None
 
     # ----------------------------------------------------------------------------------------
@@ -273,14 +273,23 @@ class Kuka(LunarEnv):
         cube_xy, target = sample_layout(self.config, layout_key)
         q = self._cube_qpos
         qpos = self._home_qpos.at[q : q + 2].set(cube_xy).at[q + 2].set(self.cube_rest_z)
-        data = self._data_template.replace(
+        # The arm always starts at the home keyframe, whose kinematics the template holds; only the
+        # cube and the target move, by pure translations, so their frames are shifted instead of
+        # running mjx.kinematics (which the training wrapper's auto-reset would pay every step).
+        # mjx.step recomputes everything from qpos itself.
+        t = self._data_template
+        shift = jnp.zeros((self.mj_model.nbody, 3), jnp.float32)
+        shift = shift.at[self._cube_body].set(qpos[q : q + 3] - self._home_qpos[q : q + 3])
+        shift = shift.at[self._target_body].set(target - t.mocap_pos[self._target_mocap])
+        data = t.replace(
             qpos=qpos,
             ctrl=self._home_ctrl,
-            mocap_pos=self._data_template.mocap_pos.at[self._target_mocap].set(target),
+            mocap_pos=t.mocap_pos.at[self._target_mocap].set(target),
+            xpos=t.xpos + shift,
+            xipos=t.xipos + shift,
+            geom_xpos=t.geom_xpos + shift[self._geom_body],
+            site_xpos=t.site_xpos + shift[self._site_body],
         )
-        # Positions of bodies and sites are all the first observation needs; mjx.step runs the
-        # full forward pass itself (and kinematics compiles much faster than forward on CPU).
-        data = mjx.kinematics(self.mjx_model, data)
         prev_action = jnp.zeros(self.action_size, jnp.float32)
         obs = self._observation(data, prev_action)
         zero = jnp.zeros((), jnp.float32)
@@ -377,6 +386,27 @@ class Kuka(LunarEnv):
     # ----------------------------------------------------------------------------------------
     # Host-side helpers
     # ----------------------------------------------------------------------------------------
+
+    def _home_kinematics_template(self, model: mujoco.MjModel) -> mjx.Data:
+        """``mjx.Data`` at the home keyframe with its frames (body, geom and site positions and
+        orientations) computed by C MuJoCo's ``mj_kinematics``; ``reset`` shifts the cube's and
+        the target's."""
+        self._target_body = model.body("target").id
+        self._geom_body = jnp.asarray(model.geom_bodyid)
+        self._site_body = jnp.asarray(model.site_bodyid)
+        home = mujoco.MjData(model)
+        mujoco.mj_resetDataKeyframe(model, home, model.keyframe("home").id)
+        mujoco.mj_kinematics(model, home)
+        frames = ("xpos", "xquat", "xmat", "xipos", "ximat", "geom_xpos", "geom_xmat", "site_xpos", "site_xmat")
+        template = mjx.make_data(self.mjx_model, impl="jax")
+        return template.replace(
+            mocap_pos=jnp.asarray(home.mocap_pos, jnp.float32),
+            mocap_quat=jnp.asarray(home.mocap_quat, jnp.float32),
+            **{
+                name: jnp.asarray(getattr(home, name), jnp.float32).reshape(getattr(template, name).shape)
+                for name in frames
+            },
+        )
 
     def mj_data(self, state: State) -> mujoco.MjData:
         """A C ``MjData`` holding one (unbatched) state's positions, velocities, controls and
