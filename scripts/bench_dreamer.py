@@ -119,9 +119,14 @@ def bench_size(env: Any, cfg: dreamer.DreamerConfig, repeats: int) -> dict[str, 
     def behavior_updates(params, opt_state, norm, start, rng):
         def body(carry, key):
             params, opt_state, norm = carry
+            starts = start
+            if 0 < cfg.imagine_starts < cfg.batch_size * cfg.seq_len:  # as ``dreamer.update`` picks them
+                key, k_starts = jax.random.split(key)
+                chosen = jax.random.choice(k_starts, cfg.batch_size * cfg.seq_len, (cfg.imagine_starts,), replace=False)
+                starts = jax.tree.map(lambda x: x[chosen], start)
             grad = jax.value_and_grad(behavior.behavior_losses, argnums=3, has_aux=True)
             (_, (traj, ret, weight, norm, _)), g = grad(
-                n.world_model, params["world_model"], n.actor, params["actor"], n.critic, params["critic"], start,
+                n.world_model, params["world_model"], n.actor, params["actor"], n.critic, params["critic"], starts,
                 norm, key, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
                 actor_grad=cfg.actor_grad, actor_entropy=cfg.actor_entropy, norm_rate=cfg.return_norm_rate,
                 norm_limit=cfg.return_norm_limit, twohot=n.twohot)  # fmt: skip
@@ -181,7 +186,8 @@ def main() -> None:
     result = {
         "env": args.env,
         "num_envs": args.num_envs,
-        "settings": {k: getattr(cfg, k) for k in ("unroll_length", "train_ratio", "batch_size", "seq_len", "horizon")},
+        "settings": {k: getattr(cfg, k) for k in ("unroll_length", "train_ratio", "batch_size", "seq_len", "horizon",
+                                                  "imagine_starts")},
         "overrides": args.set,
         "repeats": args.repeats,
         "backend": jax.default_backend(),

@@ -102,6 +102,7 @@ class DreamerConfig(AgentConfig):
     buffer_size: int = bounded(1_000_000, 1, None, "replay capacity in env steps (all envs)")
     prefill: int = bounded(2_500, 0, None, "env steps of uniform actions before any update")
     horizon: int = bounded(15, 1, None, "imagination steps")
+    imagine_starts: int = bounded(0, 0, None, "posterior latents imagined from per update (0 = all batch_size x seq_len)")
     gamma: float = bounded(0.997, 0.0, 1.0)
     lam: float = bounded(0.95, 0.0, 1.0)
     model_lr: float = bounded(1e-4, 1e-8, 1.0)
@@ -426,8 +427,14 @@ def update(
     updates, wm_opt = opts["world_model"].update(grads, opt_state["world_model"])
     wm_params = optax.apply_updates(params["world_model"], updates)
 
-    # Imagine from every posterior latent of the batch, with the world model the latents came from.
+    # Imagine from the posterior latents of the batch (all of them, or a random subset of
+    # ``imagine_starts``), with the world model the latents came from.
     start = jax.tree.map(lambda x: jax.lax.stop_gradient(x.reshape((-1,) + x.shape[2:])), observed.latent)
+    num_starts = cfg.batch_size * cfg.seq_len
+    if 0 < cfg.imagine_starts < num_starts:
+        k_starts, k_imagine = jax.random.split(k_imagine)
+        chosen = jax.random.choice(k_starts, num_starts, (cfg.imagine_starts,), replace=False)
+        start = jax.tree.map(lambda x: x[chosen], start)
     actor_grad = jax.value_and_grad(behavior.behavior_losses, argnums=3, has_aux=True)
     (_, (traj, returns, weight, norm, actor_metrics)), grads = actor_grad(
         n.world_model, params["world_model"], n.actor, params["actor"], n.critic, params["critic"], start,
