@@ -478,7 +478,9 @@ def test_agent_improves_its_return_on_one_fixed_track(env):
     )  # fmt: skip
     from lunarl.run.evaluation import rollout
 
-    ts = dreamer.init(jax.random.PRNGKey(0), track, cfg)
+    # Jitted as the host builds it: run eagerly, init shares buffers between leaves (the slow
+    # critic starts as the critic), which a donating train_step cannot take.
+    ts = jax.jit(lambda k: dreamer.init(k, track, cfg))(jax.random.PRNGKey(0))
     policy = dreamer.make_policy(track, cfg)
     evaluate = jax.jit(lambda p, k: rollout(track, policy, p, k, 16, 300)["episode_return"].mean())
     step = jax.jit(dreamer.train_step, donate_argnums=0)
