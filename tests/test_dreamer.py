@@ -478,8 +478,8 @@ def test_agent_improves_its_return_on_one_fixed_track(env):
     )  # fmt: skip
     from lunarl.run.evaluation import rollout
 
-    # Jitted as the host builds it: run eagerly, init shares buffers between leaves (the slow
-    # critic starts as the critic), which a donating train_step cannot take.
+    # Jitted as the host builds it: run eagerly, the auto-reset wrapper's reset gives
+    # info["final_obs"] the observation's own buffer, which a donating train_step cannot take.
     ts = jax.jit(lambda k: dreamer.init(k, track, cfg))(jax.random.PRNGKey(0))
     policy = dreamer.make_policy(track, cfg)
     evaluate = jax.jit(lambda p, k: rollout(track, policy, p, k, 16, 300)["episode_return"].mean())
@@ -490,4 +490,3 @@ def test_agent_improves_its_return_on_one_fixed_track(env):
     assert all(np.isfinite(float(v)) for v in metrics.values())
     after = float(evaluate(dreamer.policy_params(ts), jax.random.PRNGKey(1)))
     assert after > before + 3.0, (before, after)
-

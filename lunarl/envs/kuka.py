@@ -249,6 +249,10 @@ class Kuka(LunarEnv):
         self._home_ctrl = jnp.asarray(home.ctrl, dtype=jnp.float32)
         self._ctrl_low = jnp.asarray(model.actuator_ctrlrange[:, 0], dtype=jnp.float32)
         self._ctrl_high = jnp.asarray(model.actuator_ctrlrange[:, 1], dtype=jnp.float32)
+        # Which body each frame belongs to, for reset's shift of the cube's and target's frames.
+        self._target_body = model.body("target").id
+        self._geom_body = jnp.asarray(model.geom_bodyid)
+        self._site_body = jnp.asarray(model.site_bodyid)
         self._data_template = self._home_kinematics_template(model)
         self._renderer: OffscreenRenderer | None = None
 
@@ -391,9 +395,6 @@ class Kuka(LunarEnv):
         """``mjx.Data`` at the home keyframe with its frames (body, geom and site positions and
         orientations) computed by C MuJoCo's ``mj_kinematics``; ``reset`` shifts the cube's and
         the target's."""
-        self._target_body = model.body("target").id
-        self._geom_body = jnp.asarray(model.geom_bodyid)
-        self._site_body = jnp.asarray(model.site_bodyid)
         home = mujoco.MjData(model)
         mujoco.mj_resetDataKeyframe(model, home, model.keyframe("home").id)
         mujoco.mj_kinematics(model, home)

@@ -264,7 +264,9 @@ def init(rng: jax.Array, env: LunarEnv, cfg: DreamerConfig) -> TrainState:
     feat = jnp.zeros((1, d.feat_size), jnp.float32)
     actor = n.actor.init(k_actor, feat)
     critic = n.critic.init(k_critic, feat)
-    params = {"world_model": wm, "actor": actor, "critic": critic, "slow_critic": critic}
+    # The slow critic starts equal to the critic, in buffers of its own (a donated state cannot
+    # hold one buffer twice).
+    params = {"world_model": wm, "actor": actor, "critic": critic, "slow_critic": jax.tree.map(jnp.copy, critic)}
     opts = _optimizers(cfg)
     return TrainState(
         params=params,

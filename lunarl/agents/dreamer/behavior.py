@@ -22,11 +22,11 @@ of still being in the episode (``prod gamma c``, stopped).
   advantage ``(R_t - v_t) / scale``. **Default: ``backprop``**, because on the car track it
   learned to drive laps and ``reinforce`` did not, at equal settings and env steps
   (``conf/experiment/car_track_dreamer.yaml``): ``reinforce``'s throttle learned to drive, but
-  its steering mean drifted to full lock, so the car circled. The returns are a differentiable function of the actions through the model, so the
-  gradient tells every action dimension which way to move; the score function has to find that
-  out from sampled actions, with far more variance at the small batches a CPU affords. The
-  measured curves (and the earlier settings under which both stood still) are in
-  scripts/results/dreamer.md.
+  its steering mean drifted to full lock, so the car circled. The returns are a differentiable
+  function of the actions through the model, so the gradient tells every action dimension which
+  way to move; the score function has to find that out from sampled actions, with far more
+  variance at the small batches a CPU affords. The measured curves (and the earlier settings
+  under which both stood still) are in scripts/results/dreamer.md.
 """
 
 from __future__ import annotations
