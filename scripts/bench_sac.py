@@ -214,6 +214,8 @@ def main() -> None:
         f"{'on' if emitters else 'off'} for both trainers"
     )
     print(f"config: {cfg}")
+    # Spelled out because ``--set actor_hidden=128`` means one layer of 128 (a v5 run was that by mistake).
+    print(f"networks: actor {list(cfg.actor_hidden)}, critics {list(cfg.critic_hidden)} (hidden layer widths)")
     eval_key = jax.random.PRNGKey(10_000 + args.seed)
     lunarl_policy = sac.make_policy(env, cfg)
 
