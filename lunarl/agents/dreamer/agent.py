@@ -124,6 +124,7 @@ class DreamerConfig(AgentConfig):
     actor_max_std: float = bounded(1.0, 1e-4, None)
     slow_critic_rate: float = bounded(0.02, 0.0, 1.0)
     slow_reg: float = bounded(1.0, 0.0, None)
+    replay_value_scale: float = bounded(0.0, 0.0, None, "critic loss on replayed latents and real returns (DreamerV3 repval: 0.3)")
     return_norm_rate: float = bounded(0.01, 0.0, 1.0)
     return_norm_limit: float = bounded(1.0, 1e-8, None)
 
@@ -404,6 +405,8 @@ BEHAVIOR_METRICS = (
     "imagination/return_scale",
     "critic/loss",
     "critic/value",
+    "critic/replay_loss",
+    "critic/replay_return",
 )
 LOSS_METRICS = WORLD_MODEL_METRICS + BEHAVIOR_METRICS
 
@@ -432,26 +435,37 @@ def update(
     # Imagine from the posterior latents of the batch (all of them, or a random subset of
     # ``imagine_starts``), with the world model the latents came from.
     start = jax.tree.map(lambda x: jax.lax.stop_gradient(x.reshape((-1,) + x.shape[2:])), observed.latent)
+    start_cont = 1.0 - seq.terminated.reshape(-1)
     num_starts = cfg.batch_size * cfg.seq_len
     if 0 < cfg.imagine_starts < num_starts:
         k_starts, k_imagine = jax.random.split(k_imagine)
         chosen = jax.random.choice(k_starts, num_starts, (cfg.imagine_starts,), replace=False)
-        start = jax.tree.map(lambda x: x[chosen], start)
+        start, start_cont = jax.tree.map(lambda x: x[chosen], (start, start_cont))
     actor_grad = jax.value_and_grad(behavior.behavior_losses, argnums=3, has_aux=True)
     (_, (traj, returns, weight, norm, actor_metrics)), grads = actor_grad(
         n.world_model, params["world_model"], n.actor, params["actor"], n.critic, params["critic"], start,
-        norm, k_imagine, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
+        start_cont, norm, k_imagine, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
         actor_grad=cfg.actor_grad, actor_entropy=cfg.actor_entropy, norm_rate=cfg.return_norm_rate,
         norm_limit=cfg.return_norm_limit, twohot=n.twohot,
     )  # fmt: skip
     updates, actor_opt = opts["actor"].update(grads, opt_state["actor"])
     actor_params = optax.apply_updates(params["actor"], updates)
 
-    critic_grad = jax.value_and_grad(behavior.critic_loss, argnums=1, has_aux=True)
-    (_, critic_metrics), grads = critic_grad(
-        n.critic, params["critic"], params["slow_critic"], traj, returns, weight,
-        slow_reg=cfg.slow_reg, twohot=n.twohot,
-    )  # fmt: skip
+    replay_feat = jax.lax.stop_gradient(observed.latent.feat)
+
+    def critic_losses(critic_params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+        loss, metrics = behavior.critic_loss(
+            n.critic, critic_params, params["slow_critic"], traj, returns, weight, slow_reg=cfg.slow_reg, twohot=n.twohot
+        )
+        if cfg.replay_value_scale == 0:
+            return loss, {**metrics, "critic/replay_loss": jnp.zeros(()), "critic/replay_return": jnp.zeros(())}
+        replay_loss, replay_metrics = behavior.replay_critic_loss(
+            n.critic, critic_params, params["slow_critic"], replay_feat, seq.reward, seq.terminated, seq.is_first,
+            gamma=cfg.gamma, lam=cfg.lam, slow_reg=cfg.slow_reg, twohot=n.twohot,
+        )  # fmt: skip
+        return loss + cfg.replay_value_scale * replay_loss, {**metrics, **replay_metrics}
+
+    (_, critic_metrics), grads = jax.value_and_grad(critic_losses, has_aux=True)(params["critic"])
     updates, critic_opt = opts["critic"].update(grads, opt_state["critic"])
     critic_params = optax.apply_updates(params["critic"], updates)
     slow = optax.incremental_update(critic_params, params["slow_critic"], cfg.slow_critic_rate)

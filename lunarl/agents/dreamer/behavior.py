@@ -9,7 +9,13 @@ of still being in the episode (``prod gamma c``, stopped).
 
 * Critic: two-hot over symlog bins, trained by cross-entropy on the (stopped) returns, plus a
   regulariser towards the prediction of a slow EMA copy of itself (rate ``slow_critic_rate``),
-  which keeps the bootstrapped targets from chasing themselves.
+  which keeps the bootstrapped targets from chasing themselves. With ``replay_value_scale > 0``
+  (DreamerV3's ``repval`` loss, scale 0.3) it is also trained on the posterior latents of the
+  replayed sequences, towards lambda-returns of the *real* rewards and terminations
+  (``replay_returns``): imagination alone lets the critic drift wherever the model is wrong about
+  the current policy, and a backprop actor climbs that error (scripts/results/dreamer.md).
+* Imagination from a terminal start latent (a crash or a finished lap) goes nowhere the model has
+  seen; as in DreamerV3 such starts get weight 0 (``start_cont = 1 - terminated``).
 * Return normalisation: returns are divided by ``max(1, P95 - P5)``, the 5th-95th percentile
   range tracked with an EMA (``ReturnNorm``); the max with 1 keeps small returns from being
   inflated into noise, so the entropy bonus has the same meaning on every task.
@@ -58,6 +64,7 @@ __all__ = [
     "action_distribution",
     "imagine",
     "lambda_returns",
+    "replay_returns",
 ]
 
 # A Python float holding the float32 value (computing it with jnp at import time would start a
@@ -193,6 +200,7 @@ def behavior_losses(
     critic: CriticNet,
     critic_params: Any,
     start: Latent,
+    start_cont: jax.Array,
     norm: ReturnNorm,
     rng: jax.Array,
     *,
@@ -207,7 +215,8 @@ def behavior_losses(
     twohot: TwoHot,
 ) -> tuple[jax.Array, tuple[Imagined, jax.Array, jax.Array, ReturnNorm, dict[str, jax.Array]]]:
     """The actor loss (differentiable in ``actor_params``) and, as aux, what the critic needs:
-    (stopped rollout, stopped returns, stopped step weights, the updated normaliser, metrics)."""
+    (stopped rollout, stopped returns, stopped step weights, the updated normaliser, metrics).
+    ``start_cont`` [N]: 0 where the start latent is terminal (those rollouts get weight 0)."""
     sg = jax.lax.stop_gradient
     traj = imagine(wm, wm_params, actor, actor_params, start, rng, horizon, unimix)
     if actor_grad == "reinforce":
@@ -218,7 +227,7 @@ def behavior_losses(
     value = twohot.decode(critic.apply(critic_params, traj.feat))
     returns = lambda_returns(reward, cont, value, gamma, lam)  # [H, N]
     # Weight of step t: the imagined probability that the episode is still running at t.
-    weight = sg(jnp.cumprod(jnp.concatenate([jnp.ones_like(cont[:1]), gamma * cont[:-1]], axis=0), axis=0))
+    weight = sg(jnp.cumprod(jnp.concatenate([start_cont[None], gamma * cont[:-1]], axis=0), axis=0))
     norm = norm.update(returns, norm_rate)
     scale = norm.scale(norm_limit)
     mean, std = actor.apply(actor_params, sg(traj.feat[:-1]))
@@ -261,3 +270,53 @@ def critic_loss(
     per_step = twohot.loss(logits, returns) + slow_reg * twohot.loss(logits, slow)
     loss = jnp.mean(weight * per_step)
     return loss, {"critic/loss": loss, "critic/value": jnp.mean(twohot.decode(logits))}
+
+
+def replay_returns(
+    reward: jax.Array, terminated: jax.Array, is_first: jax.Array, value: jax.Array, gamma: float, lam: float
+) -> tuple[jax.Array, jax.Array]:
+    """Lambda-returns of replayed latents and where they are defined (both [T-1, B]).
+
+    Inputs are time-major [T, B] replay rows; latent t is the outcome of row t (its reward and
+    ``terminated``), so its successor is latent t+1 with reward ``reward[t+1]``, unless row t+1
+    starts a new episode. ``R_t = r_{t+1} + gamma (1 - term_{t+1}) ((1 - lam) v_{t+1} + lam R_{t+1})``,
+    where ``R_{t+1}`` is ``v_{t+1}`` if latent t+1 has no successor in the window. Defined (mask 1)
+    where latent t is not terminal and its successor is in the window.
+    """
+    chex.assert_equal_shape([reward, terminated, is_first, value])
+    same = 1.0 - is_first[1:]  # latent t is followed by latent t+1 of its episode
+    live = gamma * (1.0 - terminated[1:])
+
+    def back(boot: jax.Array, xs: tuple) -> tuple[jax.Array, jax.Array]:
+        r, lv, v_next, v_now, s = xs
+        ret = r + lv * ((1.0 - lam) * v_next + lam * boot)
+        return jnp.where(s > 0, ret, v_now), ret
+
+    xs = (reward[1:], live, value[1:], value[:-1], same)
+    _, returns = jax.lax.scan(back, value[-1], xs, reverse=True)
+    return returns, same * (1.0 - terminated[:-1])
+
+
+def replay_critic_loss(
+    critic: CriticNet,
+    critic_params: Any,
+    slow_params: Any,
+    feat: jax.Array,
+    reward: jax.Array,
+    terminated: jax.Array,
+    is_first: jax.Array,
+    *,
+    gamma: float,
+    lam: float,
+    slow_reg: float,
+    twohot: TwoHot,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Cross-entropy of the critic on replayed latents ``feat`` [T, B, F] against the returns of the
+    real rewards (bootstrapped with its own stopped values) and against the slow critic."""
+    logits = critic.apply(critic_params, feat)
+    value = jax.lax.stop_gradient(twohot.decode(logits))
+    returns, mask = replay_returns(reward, terminated, is_first, value, gamma, lam)
+    slow = jax.lax.stop_gradient(twohot.decode(critic.apply(slow_params, feat[:-1])))
+    per_step = twohot.loss(logits[:-1], jax.lax.stop_gradient(returns)) + slow_reg * twohot.loss(logits[:-1], slow)
+    loss = jnp.mean(mask * per_step)
+    return loss, {"critic/replay_loss": loss, "critic/replay_return": jnp.sum(mask * returns) / jnp.maximum(jnp.sum(mask), 1.0)}
