@@ -6,6 +6,8 @@ and the only batched program is the 4-env training-wrapper check (slow). (Large 
 CPU used to hang in ``block_until_ready``; tests/test_mjx_linalg.py covers the fix.)
 """
 
+import json
+
 import gymnasium
 import jax
 import jax.numpy as jnp
@@ -442,3 +444,38 @@ def test_render_frame(env, fns):
 def test_mujoco_reference_steps_per_second(env):
     sps = mujoco_reference_steps_per_second(env, 50)
     assert np.isfinite(sps) and sps > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The GPU experiment, cut down to one iteration on a CPU
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_gpu_experiment_runs_one_tiny_iteration_on_cpu(tmp_path, app_env):
+    """``+experiment=kuka_gpu`` (4,096 envs, for a GPU) composes, trains and saves a checkpoint
+    when its sizes are overridden small (test_config.py checks it composes as is). Evaluation is
+    off: it would compile a second MJX program (minutes on a loaded 2-core CPU)."""
+    from conftest import run_app
+
+    run_dir = tmp_path / "kuka_gpu"
+    small = [
+        "env.num_envs=4",
+        "agent.unroll_length=2",
+        "agent.num_minibatches=1",
+        "agent.policy_hidden=[16,16]",
+        "agent.value_hidden=[16,16]",
+        "run.total_env_steps=8",
+        "run.log_every=1",
+        "run.eval_every=0",
+        "checkpoint.keep_best=false",
+        "run.checkpoint_every=1",
+    ]
+    args = ["+experiment=kuka_gpu", "logger.wandb.mode=disabled", *small, f"run.dir={run_dir}"]
+    proc = run_app(app_env, "lunarl.train", *args, cwd=tmp_path, timeout=1700)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished 1 iterations" in proc.stdout, proc.stdout[-2000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(np.isfinite(r.get("losses/policy_loss", np.nan)) for r in rows), rows
+    assert (run_dir / "checkpoints" / "latest").is_dir()
