@@ -12,7 +12,7 @@ For each ``--sizes`` preset the script builds the agent on ``--env`` with the be
   gradient, Adam);
 * ``imagination``: ``updates_per_iteration`` behaviour updates alone (imagine from every
   posterior latent, returns, actor and critic gradients, Adam, slow critic), on latents of one
-  fixed replayed batch.
+  fixed replayed batch (without the replay value loss, ``replay_value_scale`` 0 by default).
 
 Each part is its own compiled program, with the iteration's compiler options, timed the same way; shares are part / iteration, and
 ``other`` is what the parts do not explain (replay writes, sampling, the parts' fusion across
@@ -114,20 +114,21 @@ def bench_size(env: Any, cfg: dreamer.DreamerConfig, repeats: int) -> dict[str, 
     _, (observed, _) = jax.jit(lambda p, s: world_model_loss(n.world_model, p, s, jax.random.PRNGKey(4), **loss_kw))(
         ts.params["world_model"], seq)
     start = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), observed.latent)
+    start_cont = 1.0 - seq.terminated.reshape(-1)
 
     @functools.partial(jax.jit, compiler_options=opts)
-    def behavior_updates(params, opt_state, norm, start, rng):
+    def behavior_updates(params, opt_state, norm, start, start_cont, rng):
         def body(carry, key):
             params, opt_state, norm = carry
-            starts = start
+            starts, conts = start, start_cont
             if 0 < cfg.imagine_starts < cfg.batch_size * cfg.seq_len:  # as ``dreamer.update`` picks them
                 key, k_starts = jax.random.split(key)
                 chosen = jax.random.choice(k_starts, cfg.batch_size * cfg.seq_len, (cfg.imagine_starts,), replace=False)
-                starts = jax.tree.map(lambda x: x[chosen], start)
+                starts, conts = jax.tree.map(lambda x: x[chosen], (start, start_cont))
             grad = jax.value_and_grad(behavior.behavior_losses, argnums=3, has_aux=True)
             (_, (traj, ret, weight, norm, _)), g = grad(
                 n.world_model, params["world_model"], n.actor, params["actor"], n.critic, params["critic"], starts,
-                norm, key, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
+                conts, norm, key, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
                 actor_grad=cfg.actor_grad, actor_entropy=cfg.actor_entropy, norm_rate=cfg.return_norm_rate,
                 norm_limit=cfg.return_norm_limit, twohot=n.twohot)  # fmt: skip
             u, actor_opt = opt["actor"].update(g, opt_state["actor"])
@@ -143,7 +144,7 @@ def bench_size(env: Any, cfg: dreamer.DreamerConfig, repeats: int) -> dict[str, 
 
         return jax.lax.scan(body, (params, opt_state, norm), jax.random.split(rng, updates))[0]
 
-    b_args = (ts.params, ts.opt_state, ts.return_norm, start, jax.random.PRNGKey(5))
+    b_args = (ts.params, ts.opt_state, ts.return_norm, start, start_cont, jax.random.PRNGKey(5))
     imagination_s = _time(lambda: behavior_updates(*b_args), repeats)
 
     parts = {"acting": acting_s, "world_model": world_model_s, "imagination": imagination_s}
