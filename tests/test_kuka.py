@@ -87,6 +87,15 @@ def test_physics_settings_reach_the_model_and_match_the_xml():
     # Only the gripper pads, the cube and the table can collide (arm links never do).
     colliding = {xml.geom(i).name for i in range(xml.ngeom) if xml.geom_contype[i] or xml.geom_conaffinity[i]}
     assert colliding == {"table", "cube", "pad_left", "pad_right"}
+    # Pad-table contacts are frictionless pairs (1 row each); the arm joints have no limit rows
+    # (their targets are clipped to the ranges), the finger slides keep theirs.
+    pairs = {
+        (frozenset((xml.geom(int(g1)).name, xml.geom(int(g2)).name)), int(dim))
+        for g1, g2, dim in zip(xml.pair_geom1, xml.pair_geom2, xml.pair_dim, strict=True)
+    }
+    assert pairs == {(frozenset(("pad_left", "table")), 1), (frozenset(("pad_right", "table")), 1)}
+    limited = {xml.joint(i).name for i in range(xml.njnt) if xml.jnt_limited[i]}
+    assert limited == {"finger_left", "finger_right"}
 
 
 def test_reward_terms_are_gated_on_grasp():

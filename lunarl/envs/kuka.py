@@ -5,10 +5,11 @@ boxes with a two-pad parallel gripper, a table plane, a free cube and a mocap ta
 env steps it with ``mujoco.mjx`` (the pure-JAX implementation), so ``reset``/``step`` jit and vmap
 like every other lunarl env. A control step is 0.02 s (as in MuJoCo Playground's Panda pick-cube),
 150 control steps per episode, made of 2 physics steps of 0.01 s with 3 Newton iterations of at
-most 4 line-search steps each and no solver warm start: the cheapest settings measured at which
+most 3 line-search steps each and no solver warm start: the cheapest settings measured at which
 the scripted pick-and-place still succeeds on random layouts and MJX still matches C MuJoCo
 (``scripts/results/kuka.md``; ``sim_dt=0.005, solver_iterations=5, ls_iterations=8`` gives the
-older, dearer step, warm start aside, which lives in the MJCF).
+older, dearer step budget; warm start lives in the MJCF). The MJCF also keeps the constraint
+rows few: frictionless pad-table contacts and no arm joint-limit rows (see its header).
 
 Action (8 floats in [-1, 1]): seven joint-target deltas (``action_scale`` rad per step, added to
 the previous position targets and clipped to the joint limits) and the gripper opening (-1 closed,
@@ -79,7 +80,7 @@ class KukaConfig(EnvConfig):
     # Newton solver budget per physics step (MjOption iterations / ls_iterations). Under vmap every
     # line-search step runs for every env, so these bound the cost of the solve directly.
     solver_iterations: int = bounded(3, 1, 100, "Newton iterations per physics step")
-    ls_iterations: int = bounded(4, 1, 100, "line-search steps per Newton iteration")
+    ls_iterations: int = bounded(3, 1, 100, "line-search steps per Newton iteration")
     action_scale: float = bounded(0.04, 0.001, 0.2, "joint-target change per control step at |action| = 1")
     # True: cube and target drawn per reset from the ranges below; False: the seed's fixed layout.
     randomize: bool = True
