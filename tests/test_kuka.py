@@ -20,12 +20,16 @@ import lunarl
 from lunarl.envs import wrap_for_training
 from lunarl.envs.kuka import (
     ASSET_PATH,
+    Curriculum,
     Kuka,
     KukaConfig,
+    advance_curriculum,
+    curriculum_target,
     mujoco_reference_steps_per_second,
     reward_terms,
     sample_layout,
 )
+from lunarl.run.checkpoint import Checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +126,44 @@ def test_reward_terms_are_gated_on_grasp():
     assert terms["success"] == 0.0 and 0.0 < float(r) < reach_cfg.reach_weight
 
 
+def test_curriculum_moves_the_target_and_advances_only_on_success():
+    cfg = KukaConfig(curriculum=True, curriculum_step=0.25, curriculum_near_height=0.08)
+    cube, drawn = jnp.array([0.5, 0.1, 0.025]), jnp.array([0.4, -0.2, 0.3])
+    np.testing.assert_allclose(curriculum_target(cfg, jnp.array(0.0), cube, drawn, 0.025), [0.5, 0.1, 0.105], atol=1e-6)
+    np.testing.assert_allclose(curriculum_target(cfg, jnp.array(1.0), cube, drawn, 0.025), drawn, atol=1e-6)
+    np.testing.assert_allclose(
+        curriculum_target(cfg, jnp.array(0.5), cube, drawn, 0.025), [0.45, -0.05, 0.2025], atol=1e-6
+    )
+    cur = Curriculum(level=jnp.array(0.5, jnp.float32), active=jnp.array(False))
+    same = advance_curriculum(cfg, cur, jnp.array(False))
+    assert float(same.level) == 0.5 and bool(same.active)
+    up = advance_curriculum(cfg, cur, jnp.array(True))
+    assert float(up.level) == 0.75
+    assert float(advance_curriculum(cfg, advance_curriculum(cfg, up, jnp.array(True)), jnp.array(True)).level) == 1.0
+
+
+def test_curriculum_state_is_in_the_training_env_state_and_checkpoints(tmp_path):
+    """The level lives in the batched env state PPO checkpoints (State.info, which the auto-reset
+    wrapper keeps across episodes); a save/restore returns it unchanged. reset only: no MJX step."""
+    env = Kuka(curriculum=True, curriculum_start=0.2)
+    wrapped = wrap_for_training(env, episode_length=150)
+    state = jax.jit(wrapped.reset)(jax.random.split(jax.random.PRNGKey(0), 4))
+    np.testing.assert_allclose(state.info["curriculum"].level, 0.2)
+    assert not np.asarray(state.info["curriculum"].active).any()
+    assert "curriculum" not in Kuka().reset(jax.random.PRNGKey(0)).info  # off: the env state is as before
+    levels = jnp.array([0.2, 0.35, 0.5, 1.0], jnp.float32)
+    state = state.replace(info={**state.info, "curriculum": Curriculum(level=levels, active=jnp.ones(4, bool))})
+    config = {"env": {"name": "kuka"}, "agent": {"name": "ppo"}, "seed": 0, "num_seeds": 1}
+    ck = Checkpoints(str(tmp_path / "ck"))
+    ck.save(1, state, config, {"iteration": 1})
+    ck.wait()
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    restored, _, _ = ck.restore("latest", target, config=config)
+    ck.close()
+    np.testing.assert_array_equal(restored.info["curriculum"].level, levels)
+    assert np.asarray(restored.info["curriculum"].active).all()
+
+
 # ------------------------------------------------------------------------------------------------
 # The contract, single env
 # ------------------------------------------------------------------------------------------------
@@ -131,7 +173,8 @@ def test_reward_terms_are_gated_on_grasp():
 def test_reset_step_shapes_dtypes_and_determinism(env, fns):
     reset, step = fns
     state = reset(jax.random.PRNGKey(0))
-    assert state.obs.shape == (env.observation_size,) == (47,) and state.obs.dtype == jnp.float32
+    assert state.obs.shape == (env.observation_size,) == (56,) and state.obs.dtype == jnp.float32
+    assert Kuka(task="reach").observation_size == 47
     assert state.info["rng"].shape == (2,) and state.info["rng"].dtype == jnp.uint32
     actions = jax.random.uniform(jax.random.PRNGKey(1), (10, env.action_size), minval=-1.0, maxval=1.0)
     runs = []
@@ -149,8 +192,11 @@ def test_reset_step_shapes_dtypes_and_determinism(env, fns):
     assert _leaves_equal(a, b), "same rng and actions must give bit-identical states"
     # The env state is pipeline_state; info carries only the rng.
     assert set(a.info) == {"rng"}
-    # The previous action is observed (last 8 values) and kept for the action-rate term.
-    np.testing.assert_array_equal(np.asarray(a.obs[-8:]), np.asarray(actions[-1]))
+    # The previous action is observed (8 values before the gripper frame and the contact flags)
+    # and kept for the action-rate term.
+    np.testing.assert_array_equal(np.asarray(a.obs[-17:-9]), np.asarray(actions[-1]))
+    assert set(np.unique(np.asarray(a.obs[-3:]))) <= {0.0, 1.0}
+    assert int(a.pipeline_state.t) == 10
 
 
 @pytest.mark.timeout(300)
@@ -318,6 +364,44 @@ def test_scripted_pick_and_place_succeeds_and_terms_fire_in_order(env, fns, seed
     order = [first.get(name, -1) for name in thresholds]
     assert -1 not in order and order == sorted(order) and len(set(order[1:])) == 4, first
     assert float(state.reward) > env.config.success_bonus
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_curriculum_in_episodes():
+    """With the curriculum on: an env's first episode is the full task (what evaluation sees); a
+    success raises the level once; the next episode (the wrapper keeps ``info``, swaps in a fresh
+    episode) starts with the target moved toward the cube; an episode without success leaves the
+    level alone."""
+    cur_env = Kuka(curriculum=True, curriculum_start=0.0, curriculum_step=0.3)
+    reset, step = jax.jit(cur_env.reset), jax.jit(cur_env.step)
+    state = reset(jax.random.PRNGKey(0))
+    drawn = np.asarray(state.pipeline_state.data.mocap_pos[0])
+    controller = ScriptedPick(cur_env)
+    for t in range(cur_env.default_episode_length):
+        state = step(state, jnp.asarray(controller.act(cur_env.mj_data(state), t)))
+        if t == 0:
+            np.testing.assert_array_equal(np.asarray(state.pipeline_state.data.mocap_pos[0]), drawn)
+        if float(state.done):
+            break
+    assert float(state.metrics["success"]) == 1.0
+    assert float(state.info["curriculum"].level) == pytest.approx(0.3)
+    assert float(state.metrics["curriculum_level"]) == pytest.approx(0.3)
+    # The auto-reset wrapper's swap: a fresh episode's pipeline_state and obs, this env's info.
+    fresh = reset(jax.random.PRNGKey(7))
+    state = fresh.replace(info=state.info)
+    cube_body = cur_env.mj_model.body("cube").id
+    cube = fresh.pipeline_state.data.xpos[cube_body]
+    expected = curriculum_target(
+        cur_env.config, jnp.array(0.3), cube, fresh.pipeline_state.data.mocap_pos[0], cur_env.cube_rest_z
+    )
+    for _ in range(20):  # no success: the arm does not move
+        state = step(state, jnp.zeros(cur_env.action_size))
+        np.testing.assert_allclose(np.asarray(state.pipeline_state.data.mocap_pos[0]), expected, atol=1e-6)
+    assert float(state.info["curriculum"].level) == pytest.approx(0.3)
+    obs = np.asarray(state.obs)  # target (30:33) and cube-to-target (36:39) show the moved target
+    np.testing.assert_allclose(obs[30:33], expected, atol=1e-6)
+    np.testing.assert_allclose(obs[36:39], obs[30:33] - obs[21:24], atol=1e-5)
 
 
 def scripted_success_rate(env, num_layouts: int, seed: int = 123) -> tuple[float, list[str]]:

@@ -18,13 +18,17 @@ the previous position targets and clipped to the joint limits) and the gripper o
 Observation (47 floats): arm joint positions (7) and velocities (7), finger positions (2) and
 velocities (2), TCP position (3), cube position (3), cube orientation as the first two columns of
 its rotation matrix (6), target position (3), TCP-to-cube (3), cube-to-target (3), previous
-action (8).
+action (8). The pick-and-place task observes 9 more (56): the gripper's orientation (first two
+columns of the TCP frame, 6) and three contact flags (left pad on the cube, right pad on the
+cube, a pad on the table), which say directly whether the cube is held.
 
 Tasks (``KukaConfig.task``):
 
 * ``"pick_place"``: reward = reach + grasp + lift + carry (carry and lift only while both pads
   touch the cube) - pads-on-table - action rate + a success bonus. Success: cube centre within
-  ``success_radius`` of the target; the episode terminates on success.
+  ``success_radius`` of the target. With ``terminate_on_success`` (default) the episode ends on
+  success and the bonus is paid once; without it the bonus is paid on every step inside the
+  radius (then no dense term can make ending the episode early look better than staying).
 * ``"reach"``: reward = reach - action rate + the success bonus; success: TCP within
   ``success_radius`` of the cube centre. The episode does not end on success (the bonus is paid
   every step inside the radius), so the return rises smoothly as a learner improves: a short task
@@ -32,6 +36,17 @@ Tasks (``KukaConfig.task``):
 
 The episode also terminates when the simulation produces a non-finite value (obs and reward are
 then sanitised) or when the cube leaves the workspace.
+
+Curriculum (``KukaConfig.curriculum``, pick-and-place): each env keeps a level in [0, 1] in
+``State.info["curriculum"]``, which the auto-reset wrapper carries across episodes and
+checkpoints save with the env states. On the first step of an episode the target is moved to
+``near + level * (drawn - near)``, ``near`` being ``curriculum_near_height`` above the cube's
+resting centre and ``drawn`` the target the reset drew from the full ranges; the level rises by
+``curriculum_step`` on the first success of an episode and never otherwise. An env's first
+episode after ``reset`` is always the full task (the level applies from its second episode on),
+so evaluation, which runs one episode per freshly reset env, always measures the full task. The
+first observation of a curriculum episode still shows the drawn target (reset cannot see the
+level); from its first step on the moved one.
 """
 
 from __future__ import annotations
@@ -54,9 +69,12 @@ from lunarl.envs.mjx_linalg import pool_safe_cholesky
 
 __all__ = [
     "ASSET_PATH",
+    "Curriculum",
     "Kuka",
     "KukaConfig",
     "KukaState",
+    "advance_curriculum",
+    "curriculum_target",
     "mujoco_reference_steps_per_second",
     "reward_terms",
     "sample_layout",
@@ -106,6 +124,17 @@ class KukaConfig(EnvConfig):
     # Large against the per-step terms (at most ~2 per step) so that ending the episode on
     # success pays more than hovering just outside the radius.
     success_bonus: float = bounded(100.0, 0.0, 10_000.0)
+    terminate_on_success: bool = bounded(
+        True, doc="pick_place: end the episode on success (False: the bonus is paid every step in the radius)"
+    )
+    # Curriculum (pick_place; see the module docstring): the target starts near the cube and moves
+    # out to the full ranges as the env succeeds.
+    curriculum: bool = False
+    curriculum_start: float = bounded(0.0, 0.0, 1.0, "level of a fresh env (0: target above the cube, 1: full task)")
+    curriculum_step: float = bounded(0.05, 0.001, 1.0, "level gained on an episode's first success")
+    curriculum_near_height: float = bounded(
+        0.08, 0.0, 0.5, "level-0 target height above the cube's resting centre"
+    )
     workspace_radius: float = bounded(
         1.0, 0.2, 5.0, "cube farther than this (xy) from the base ends the episode"
     )
@@ -132,10 +161,38 @@ class KukaConfig(EnvConfig):
 
 @struct.dataclass
 class KukaState:
-    """The env's physical state: MJX data plus the previous action (for the action-rate term)."""
+    """The env's state within an episode: MJX data, the previous action (for the action-rate
+    term), control steps taken and whether the episode has succeeded yet."""
 
     data: mjx.Data
     prev_action: jax.Array  # [8]
+    t: jax.Array  # int32 scalar
+    succeeded: jax.Array  # bool scalar
+
+
+@struct.dataclass
+class Curriculum:
+    """One env's curriculum state, kept in ``State.info["curriculum"]`` across its episodes."""
+
+    level: jax.Array  # float32 scalar in [0, 1]
+    active: jax.Array  # bool scalar: past the env's first step, so new episodes use the level
+
+
+def curriculum_target(
+    config: KukaConfig, level: jax.Array, cube: jax.Array, drawn: jax.Array, cube_rest_z: float
+) -> jax.Array:
+    """The target of an episode at ``level``: from ``curriculum_near_height`` above the cube's
+    resting centre (level 0) to the ``drawn`` full-range target (level 1), on a straight line."""
+    near = jnp.stack([cube[0], cube[1], jnp.asarray(cube_rest_z + config.curriculum_near_height, cube.dtype)])
+    return near + jnp.clip(level, 0.0, 1.0) * (drawn - near)
+
+
+def advance_curriculum(config: KukaConfig, curriculum: Curriculum, first_success: jax.Array) -> Curriculum:
+    """The level after a step: ``curriculum_step`` higher (at most 1) when the episode has just
+    succeeded for the first time, unchanged otherwise. Marks the env active (see the docstring)."""
+    gain = jnp.where(first_success, config.curriculum_step, 0.0)
+    level = jnp.minimum(curriculum.level + gain, 1.0).astype(jnp.float32)
+    return Curriculum(level=level, active=jnp.ones_like(curriculum.active))
 
 
 def reward_terms(
@@ -263,7 +320,7 @@ class Kuka(LunarEnv):
 
     @property
     def observation_size(self) -> int:
-        return 47
+        return 56 if self.config.task == "pick_place" else 47
 
     @property
     def action_size(self) -> int:
@@ -296,18 +353,20 @@ class Kuka(LunarEnv):
             site_xpos=t.site_xpos + shift[self._site_body],
         )
         prev_action = jnp.zeros(self.action_size, jnp.float32)
-        obs = self._observation(data, prev_action)
+        contacts = self._contacts(data)
+        obs = self._observation(data, prev_action, contacts)
         zero = jnp.zeros((), jnp.float32)
-        _, terms = self._rewards(data, prev_action, prev_action)
+        _, terms = self._rewards(data, prev_action, prev_action, contacts)
         metrics = {name: zero for name in terms} | {"tcp_to_cube": zero, "cube_to_target": zero}
-        return State(
-            pipeline_state=KukaState(data=data, prev_action=prev_action),
-            obs=obs,
-            reward=zero,
-            done=zero,
-            metrics=metrics,
-            info={"rng": rng},
+        info: dict[str, Any] = {"rng": rng}
+        if self.config.curriculum:
+            start = jnp.asarray(self.config.curriculum_start, jnp.float32)
+            info["curriculum"] = Curriculum(level=start, active=jnp.zeros((), bool))
+            metrics["curriculum_level"] = start
+        pipeline_state = KukaState(
+            data=data, prev_action=prev_action, t=jnp.zeros((), jnp.int32), succeeded=jnp.zeros((), bool)
         )
+        return State(pipeline_state=pipeline_state, obs=obs, reward=zero, done=zero, metrics=metrics, info=info)
 
     def step(self, state: State, action: jax.Array) -> State:
         c = self.config
@@ -317,17 +376,27 @@ class Kuka(LunarEnv):
         gripper_target = 0.5 * (action[NUM_ARM_JOINTS] + 1.0) * FINGER_OPEN
         ctrl = jnp.clip(jnp.append(arm_target, gripper_target), self._ctrl_low, self._ctrl_high)
         data = ps.data.replace(ctrl=ctrl)
+        if c.curriculum:
+            # An episode's target is set on its first step (reset cannot see the env's level).
+            curriculum: Curriculum = state.info["curriculum"]
+            drawn = data.mocap_pos[self._target_mocap]
+            moved = curriculum_target(c, curriculum.level, data.xpos[self._cube_body], drawn, self.cube_rest_z)
+            target = jnp.where(curriculum.active & (ps.t == 0), moved, drawn)
+            data = data.replace(mocap_pos=data.mocap_pos.at[self._target_mocap].set(target))
         # On XLA:CPU, MJX's batched LAPACK Cholesky calls can deadlock the thread pool at large
         # batches; trace them with lunarl's chunked versions (lunarl/envs/mjx_linalg.py).
         with pool_safe_cholesky(jax.default_backend() == "cpu"):
             data = jax.lax.fori_loop(0, self.n_substeps, lambda _, d: mjx.step(self.mjx_model, d), data)
 
-        reward, terms = self._rewards(data, action, ps.prev_action)
+        contacts = self._contacts(data)
+        reward, terms = self._rewards(data, action, ps.prev_action, contacts)
         cube = data.xpos[self._cube_body]
         finite = jnp.all(jnp.isfinite(data.qpos)) & jnp.all(jnp.isfinite(data.qvel))
         out_of_bounds = (jnp.linalg.norm(cube[:2]) > c.workspace_radius) | (cube[2] < -0.1)
-        success = terms["success"] > 0.0
-        done = (~finite) | out_of_bounds | success if c.task == "pick_place" else (~finite) | out_of_bounds
+        success = (terms["success"] > 0.0) & finite
+        done = (~finite) | out_of_bounds
+        if c.task == "pick_place" and c.terminate_on_success:
+            done = done | success
         reward = jnp.where(finite, jnp.nan_to_num(reward), 0.0)
 
         tcp = data.site_xpos[self._tcp_site]
@@ -335,22 +404,37 @@ class Kuka(LunarEnv):
         metrics = {k: jnp.where(finite, v, 0.0) for k, v in terms.items()}
         metrics["tcp_to_cube"] = jnp.nan_to_num(jnp.linalg.norm(cube - tcp), nan=0.0, posinf=0.0)
         metrics["cube_to_target"] = jnp.nan_to_num(jnp.linalg.norm(target - cube), nan=0.0, posinf=0.0)
+        info = state.info
+        if c.curriculum:
+            curriculum = advance_curriculum(c, state.info["curriculum"], success & ~ps.succeeded)
+            info = {**state.info, "curriculum": curriculum}
+            metrics["curriculum_level"] = curriculum.level
+        pipeline_state = KukaState(data=data, prev_action=action, t=ps.t + 1, succeeded=ps.succeeded | success)
         return state.replace(
-            pipeline_state=KukaState(data=data, prev_action=action),
-            obs=self._observation(data, action),
+            pipeline_state=pipeline_state,
+            obs=self._observation(data, action, contacts),
             reward=reward.astype(jnp.float32),
             done=done.astype(jnp.float32),
             metrics=metrics,
+            info=info,
+        )
+
+    def _contacts(self, data: mjx.Data) -> jax.Array:
+        """Contact flags [left pad on the cube, right pad on the cube, a pad on the table] (bool)."""
+        g = self._geom
+        return jnp.stack(
+            [
+                _touching(data, g["pad_left"], g["cube"]),
+                _touching(data, g["pad_right"], g["cube"]),
+                _touching(data, g["pad_left"], g["table"]) | _touching(data, g["pad_right"], g["table"]),
+            ]
         )
 
     def _rewards(
-        self, data: mjx.Data, action: jax.Array, prev_action: jax.Array
+        self, data: mjx.Data, action: jax.Array, prev_action: jax.Array, contacts: jax.Array
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        g = self._geom
-        grasped = _touching(data, g["pad_left"], g["cube"]) & _touching(data, g["pad_right"], g["cube"])
-        pads_on_table = _touching(data, g["pad_left"], g["table"]) | _touching(
-            data, g["pad_right"], g["table"]
-        )
+        grasped = contacts[0] & contacts[1]
+        pads_on_table = contacts[2]
         return reward_terms(
             self.config,
             tcp=data.site_xpos[self._tcp_site],
@@ -363,11 +447,15 @@ class Kuka(LunarEnv):
             prev_action=prev_action,
         )
 
-    def _observation(self, data: mjx.Data, prev_action: jax.Array) -> jax.Array:
+    def _observation(self, data: mjx.Data, prev_action: jax.Array, contacts: jax.Array) -> jax.Array:
         tcp = data.site_xpos[self._tcp_site]
         cube = data.xpos[self._cube_body]
         cube_rot = data.xmat[self._cube_body][:, :2].T.reshape(-1)  # columns x and y
         target = data.mocap_pos[self._target_mocap]
+        extra = []
+        if self.config.task == "pick_place":
+            tcp_rot = data.site_xmat[self._tcp_site].reshape(3, 3)[:, :2].T.reshape(-1)
+            extra = [tcp_rot, contacts.astype(jnp.float32)]
         obs = jnp.concatenate(
             [
                 data.qpos[:NUM_ARM_JOINTS],
@@ -381,6 +469,7 @@ class Kuka(LunarEnv):
                 cube - tcp,
                 target - cube,
                 prev_action,
+                *extra,
             ]
         )
         # A diverged simulation must not leak NaN/inf into the agent; the step also ends it.
