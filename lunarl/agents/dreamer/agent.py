@@ -115,6 +115,8 @@ class DreamerConfig(AgentConfig):
     ac_eps: float = bounded(1e-5, 0.0, 1.0, "Adam epsilon of actor and critic")
     dyn_scale: float = bounded(1.0, 0.0, None)
     rep_scale: float = bounded(0.1, 0.0, None)
+    reward_scale: float = bounded(1.0, 0.0, None, "world-model loss scale of the reward head")
+    cont_scale: float = bounded(1.0, 0.0, None, "world-model loss scale of the continue head")
     free_nats: float = bounded(1.0, 0.0, None)
     unimix: float = bounded(0.01, 0.0, 1.0)
     num_bins: int = bounded(255, 3, None)
@@ -427,7 +429,8 @@ def update(
     wm_grad = jax.value_and_grad(world_model_loss, argnums=1, has_aux=True)
     (_, (observed, wm_metrics)), grads = wm_grad(
         n.world_model, params["world_model"], seq, k_wm, unimix=cfg.unimix, free_nats=cfg.free_nats,
-        dyn_scale=cfg.dyn_scale, rep_scale=cfg.rep_scale, twohot=n.twohot,
+        dyn_scale=cfg.dyn_scale, rep_scale=cfg.rep_scale, twohot=n.twohot, reward_scale=cfg.reward_scale,
+        cont_scale=cfg.cont_scale,
     )  # fmt: skip
     updates, wm_opt = opts["world_model"].update(grads, opt_state["world_model"])
     wm_params = optax.apply_updates(params["world_model"], updates)

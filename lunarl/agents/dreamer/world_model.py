@@ -341,8 +341,11 @@ def world_model_loss(
     dyn_scale: float,
     rep_scale: float,
     twohot: TwoHot,
+    reward_scale: float = 1.0,
+    cont_scale: float = 1.0,
 ) -> tuple[jax.Array, tuple[Observed, dict[str, jax.Array]]]:
-    """Scalar loss and (observed latents, metrics) of time-major sequences ``seq``."""
+    """Scalar loss and (observed latents, metrics) of time-major sequences ``seq``; the reward and
+    continue terms are scaled by ``reward_scale`` / ``cont_scale`` (DreamerV3's ``rew``/``con``)."""
     obs = observe(net, params, seq, rng, unimix)
     decoded, reward_logits, cont_logit = net.apply(params, obs.latent.feat, method=WorldModelNet.heads)
     recon = jnp.sum(jnp.square(decoded - symlog(seq.next_obs)), axis=-1)
@@ -350,7 +353,7 @@ def world_model_loss(
     cont_target = 1.0 - seq.terminated
     cont = optax_sigmoid_bce(cont_logit, cont_target)
     dyn, rep, kl = kl_losses(obs.post, obs.prior, free_nats)
-    loss = jnp.mean(recon + reward + cont + dyn_scale * dyn + rep_scale * rep)
+    loss = jnp.mean(recon + reward_scale * reward + cont_scale * cont + dyn_scale * dyn + rep_scale * rep)
     predicted = twohot.decode(reward_logits)
     metrics = {
         "world_model/loss": loss,
