@@ -126,6 +126,31 @@ def test_reward_terms_are_gated_on_grasp():
     assert terms["success"] == 0.0 and 0.0 < float(r) < reach_cfg.reach_weight
 
 
+def test_carry_gated_on_lift_pays_nothing_for_a_cube_held_on_the_table():
+    """carry_gate="lifted": a cube held on the table (both pads on it) earns no carry, however
+    close the target; the same cube 3 cm up earns it, held or not. The grasp gate pays both."""
+    zeros = jnp.zeros(8)
+    args = dict(cube_rest_z=0.025, pads_on_table=jnp.array(False), action=zeros, prev_action=zeros)
+    target = jnp.array([0.5, 0.0, 0.105])  # the curriculum's level-0 target, 8 cm above the rest
+    on_table, up = jnp.array([0.5, 0.0, 0.025]), jnp.array([0.5, 0.0, 0.055])
+    lifted_cfg, grasp_cfg = KukaConfig(carry_gate="lifted"), KukaConfig(carry_gate="grasp")
+    _, held_down = reward_terms(lifted_cfg, on_table, on_table, target, grasped=jnp.array(True), **args)
+    assert held_down["carry"] == 0.0 and held_down["lifted"] == 0.0 and held_down["grasp"] == 1.0
+    _, old = reward_terms(grasp_cfg, on_table, on_table, target, grasped=jnp.array(True), **args)
+    assert float(old["carry"]) > 0.5  # what session 3's policy collected without lifting
+    for grasped in (True, False):
+        r_up, held_up = reward_terms(lifted_cfg, up, up, target, grasped=jnp.array(grasped), **args)
+        assert held_up["lifted"] == 1.0 and float(held_up["carry"]) == pytest.approx(
+            1.0 - np.tanh(lifted_cfg.distance_sharpness * 0.05), rel=1e-5
+        )
+    # Just below the gate height: still nothing.
+    low = on_table + jnp.array([0.0, 0.0, 0.019])
+    _, below = reward_terms(lifted_cfg, low, low, target, grasped=jnp.array(True), **args)
+    assert below["carry"] == 0.0 and float(below["lift"]) > 0.0
+    with pytest.raises(ValueError, match="carry_gate"):
+        KukaConfig(carry_gate="held")
+
+
 def test_curriculum_moves_the_target_and_advances_only_on_success():
     cfg = KukaConfig(curriculum=True, curriculum_step=0.25, curriculum_near_height=0.08)
     cube, drawn = jnp.array([0.5, 0.1, 0.025]), jnp.array([0.4, -0.2, 0.3])
