@@ -24,7 +24,7 @@ from lunarl import report
 from lunarl.agents import get as get_agent
 from lunarl.agents import replay as replay_lib
 from lunarl.agents.dreamer import agent as dreamer
-from lunarl.agents.dreamer import behavior
+from lunarl.agents.dreamer import behavior, terminal_replay
 from lunarl.agents.dreamer.world_model import (
     TwoHot,
     WorldModelNet,
@@ -174,6 +174,77 @@ def test_replay_returns_follow_real_episodes():
         if e is not None:
             np.testing.assert_allclose(float(got[t, 0]), e, rtol=1e-5)
     assert abs(float(got[1, 0]) - (-5.0)) < 1e-6  # the crash ends it: no bootstrap past it
+
+
+# --------------------------------------------------------------------------------------------
+# Prioritised replay of terminal windows
+# --------------------------------------------------------------------------------------------
+
+
+def _stamped_replay(capacity: int, num_envs: int, rows: int, terminal_cells: list[tuple[int, int]]):
+    """A replay whose rows carry their write count (1, 2, ...; 0 = never written) and whose
+    ``terminated`` flags sit at the given (write count, env) cells."""
+    stamp = np.arange(1, rows + 1, dtype=np.float32)[:, None].repeat(num_envs, 1)
+    term = np.zeros((rows, num_envs), np.float32)
+    for t, e in terminal_cells:
+        term[t - 1, e] = 1.0
+    example = {"stamp": jnp.zeros(()), "terminated": jnp.zeros(())}
+    replay = replay_lib.init(capacity, num_envs, example)
+    for lo in range(0, rows, 40):
+        replay = replay_lib.add(replay, {"stamp": jnp.asarray(stamp[lo:lo + 40]), "terminated": jnp.asarray(term[lo:lo + 40])})
+    return replay
+
+
+@pytest.mark.parametrize("rows", [120, 260])  # part-filled; wrapped (write head mid-buffer)
+def test_terminal_windows_are_drawn_at_the_configured_share_from_written_rows(rows):
+    capacity, num_envs, length, batch = 200, 4, 16, 4096
+    cells = [(rows - 100, 0), (rows - 60, 2), (rows - 3, 3), (rows - 1, 1)]  # the last: at the head
+    replay = _stamped_replay(capacity, num_envs, rows, cells)
+    terminals = terminal_replay.index(replay, replay.data["terminated"])
+    assert int(terminals.total) == len(cells)
+    fraction = 0.25
+    k = round(fraction * batch)
+    draw = jax.jit(terminal_replay.sample, static_argnums=(3, 4, 5))
+    seq = draw(replay, terminals, jax.random.PRNGKey(0), batch, length, k)
+    stamp, term = np.asarray(seq["stamp"]), np.asarray(seq["terminated"])
+    assert stamp.shape == (batch, length)
+    # Only written rows, consecutive in one column, never across the write head.
+    assert stamp.min() >= max(1, rows - capacity + 1) and stamp.max() <= rows
+    assert np.all(np.diff(stamp, axis=1) == 1)
+    has = term.any(axis=1)
+    assert has[:k].all()  # every prioritised window holds a terminal step
+    # The whole batch: the configured share plus what uniform windows hold by chance.
+    uniform = replay_lib.sample_sequences(replay, jax.random.PRNGKey(1), batch, length)
+    base = float(np.asarray(uniform["terminated"]).any(axis=1).mean())
+    assert base < 0.2
+    assert abs(has.mean() - (fraction + (1 - fraction) * base)) < 0.03
+    # Each terminal step equally likely, at every position of its window it can take.
+    ends = np.asarray(seq["stamp"])[:k][term[:k] > 0]
+    counts = np.array([np.sum(ends == t) for t, _ in cells])
+    assert counts.min() > 0.15 * k
+    positions = np.nonzero(term[:k])[1]
+    assert positions.min() == 0 and positions.max() == length - 1
+    # Deterministic in the key, and the same eagerly as jitted.
+    again = draw(replay, terminals, jax.random.PRNGKey(0), batch, length, k)
+    eager = terminal_replay.sample(replay, terminals, jax.random.PRNGKey(0), batch, length, k)
+    np.testing.assert_array_equal(np.asarray(again["stamp"]), stamp)
+    np.testing.assert_array_equal(np.asarray(eager["stamp"]), stamp)
+
+
+def test_terminal_windows_fall_back_to_uniform_without_terminals():
+    replay = _stamped_replay(200, 4, 120, [])
+    terminals = terminal_replay.index(replay, replay.data["terminated"])
+    seq = terminal_replay.sample(replay, terminals, jax.random.PRNGKey(2), 512, 16, 256)
+    stamp = np.asarray(seq["stamp"])
+    assert stamp.min() >= 1 and stamp.max() <= 120 and np.all(np.diff(stamp, axis=1) == 1)
+    assert len(np.unique(stamp[:256, 0])) > 50  # spread, not one window
+    # Without prioritisation the sampler is the uniform one, key for key.
+    plain = terminal_replay.sample(replay, terminals, jax.random.PRNGKey(2), 64, 16, 0)
+    ref = replay_lib.sample_sequences(replay, jax.random.split(jax.random.PRNGKey(2), 5)[0], 64, 16)
+    np.testing.assert_array_equal(np.asarray(plain["stamp"]), np.asarray(ref["stamp"]))
+    assert dreamer.DreamerConfig.build(batch_size=16, terminal_fraction=0.25).terminal_windows == 4
+    with pytest.raises(ValueError, match="terminal_fraction"):
+        dreamer.DreamerConfig.build(terminal_fraction=1.5)
 
 
 def test_straight_through_sample_is_one_hot_with_probability_gradients():

@@ -6,7 +6,8 @@ training envs, each acting from its filtered RSSM carry (``Policy.act``: reset w
 the actor on the latent); the steps are appended to the on-device replay
 (``lunarl.agents.replay``, ``[capacity, num_envs, ...]``) that lives in the TrainState; then
 ``updates_per_iteration`` gradient updates in a second ``lax.scan``, each on ``batch_size``
-freshly sampled sequences of ``seq_len`` steps: world model, then actor and critic on
+freshly sampled sequences of ``seq_len`` steps (uniform, or a ``terminal_fraction`` of them
+drawn around terminal steps: ``terminal_replay``): world model, then actor and critic on
 imagination from every posterior latent of the batch, then the slow critic. Until
 ``prefill`` env steps have been taken the actions are uniform in [-1, 1] and the updates are
 skipped with ``lax.cond``, so the program is the same from the first iteration to the last.
@@ -51,7 +52,7 @@ from lunarl.agents.base import (
     hyperparameter,
     reset_carry,
 )
-from lunarl.agents.dreamer import behavior
+from lunarl.agents.dreamer import behavior, terminal_replay
 from lunarl.agents.dreamer.world_model import (
     Latent,
     ModelDims,
@@ -101,6 +102,7 @@ class DreamerConfig(AgentConfig):
     seq_len: int = bounded(32, 2, None, "steps per sequence")
     buffer_size: int = bounded(1_000_000, 1, None, "replay capacity in env steps (all envs)")
     prefill: int = bounded(2_500, 0, None, "env steps of uniform actions before any update")
+    terminal_fraction: float = bounded(0.0, 0.0, 1.0, "share of each batch's windows drawn around a terminal step")
     horizon: int = bounded(15, 1, None, "imagination steps")
     imagine_starts: int = bounded(0, 0, None, "posterior latents imagined from per update (0 = all batch_size x seq_len)")
     gamma: float = bounded(0.997, 0.0, 1.0)
@@ -164,6 +166,11 @@ class DreamerConfig(AgentConfig):
     @property
     def updates_per_iteration(self) -> int:
         return round(self.train_ratio * self.env_steps_per_iteration / (self.batch_size * self.seq_len))
+
+    @property
+    def terminal_windows(self) -> int:
+        """Windows of each batch drawn around a terminal step (``terminal_replay``)."""
+        return round(self.terminal_fraction * self.batch_size)
 
     @property
     def env_steps_per_iteration(self) -> int:
@@ -410,7 +417,8 @@ BEHAVIOR_METRICS = (
     "critic/replay_loss",
     "critic/replay_return",
 )
-LOSS_METRICS = WORLD_MODEL_METRICS + BEHAVIOR_METRICS
+REPLAY_METRICS = ("replay/terminal_windows",)  # share of the sampled windows holding a terminal step
+LOSS_METRICS = WORLD_MODEL_METRICS + BEHAVIOR_METRICS + REPLAY_METRICS
 
 
 def time_major(seq: Any) -> Any:
@@ -483,12 +491,19 @@ def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any
     cfg = ts.cfg
     n = nets(ts.env, cfg)
     lrs = {k: hyperparameter(ts, k) for k in HYPERPARAMETERS}
+    if cfg.terminal_windows > 0:
+        terminals = terminal_replay.index(ts.replay, ts.replay.data.terminated)
 
     def body(carry: tuple, key: jax.Array) -> tuple[tuple, dict]:
         params, opt_state, norm = carry
         k_sample, k_update = jax.random.split(key)
-        seq = time_major(replay_lib.sample_sequences(ts.replay, k_sample, cfg.batch_size, cfg.seq_len))
+        if cfg.terminal_windows > 0:
+            batch = terminal_replay.sample(ts.replay, terminals, k_sample, cfg.batch_size, cfg.seq_len, cfg.terminal_windows)
+        else:  # the uniform sampler, so runs without prioritisation keep their random streams
+            batch = replay_lib.sample_sequences(ts.replay, k_sample, cfg.batch_size, cfg.seq_len)
+        seq = time_major(batch)
         params, opt_state, norm, metrics = update(n, cfg, params, opt_state, norm, seq, k_update, lrs)
+        metrics["replay/terminal_windows"] = jnp.mean(jnp.any(seq.terminated > 0.5, axis=0).astype(jnp.float32))
         return (params, opt_state, norm), metrics
 
     keys = jax.random.split(rng, cfg.updates_per_iteration)
