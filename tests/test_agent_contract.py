@@ -68,6 +68,12 @@ def test_training_resets_the_carry_at_every_episode_start_and_donates_the_state(
     assert float(np.max(metrics["toy/max_count"])) == EPISODE - 1
     assert float(np.sum(metrics["charts/episodes_finished"])) == 2 * 4 * (24 // EPISODE)
     np.testing.assert_array_equal(metrics["charts/episode_length"][1:], EPISODE)
+    # The env's State.metrics, averaged over each seed's envs after every iteration, under env/.
+    state_metrics = ts.env_state.metrics
+    assert {k for k in metrics if k.startswith("env/")} == {f"env/{k}" for k in state_metrics}
+    for key, values in state_metrics.items():
+        assert metrics[f"env/{key}"].shape == (3, 2)
+        np.testing.assert_allclose(metrics[f"env/{key}"][-1], np.asarray(values).mean(axis=1), rtol=1e-6, err_msg=key)
 
 
 def test_evaluation_starts_from_a_reset_carry_and_carries_it(setting):
@@ -129,6 +135,9 @@ def test_counter_agent_trains_logs_and_evaluates_through_the_apps(uninterrupted,
     assert [r["iteration"] for r in train_rows] == [2, 4, 6, 8]
     assert all(r["toy/carry_mismatches"] == 0 and r["seed1/toy/carry_mismatches"] == 0 for r in train_rows)
     assert all(r["charts/episode_length"] == EPISODE for r in train_rows)
+    # Every rover State.metrics entry reaches the log (mean over seeds, and per seed).
+    rover_metrics = ("deposits", "orbs_collected", "rock_hits", "success", "wall_hits")
+    assert all(f"env/{k}" in r and f"seed1/env/{k}" in r for r in train_rows for k in rover_metrics)
     assert [r["iteration"] for r in rows if "eval/episode_return" in r] == [2, 4, 6, 8]
 
     proc = run_app(app_env, "lunarl.evaluate", f"run.dir={uninterrupted}", "eval.episodes=3", cwd=uninterrupted)

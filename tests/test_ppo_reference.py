@@ -23,6 +23,7 @@ import pytest
 
 import lunarl
 from lunarl.agents import ppo
+from lunarl.agents.base import ENV_METRICS_PREFIX
 from lunarl.run.evaluation import rollout
 from lunarl.run.placement import Placement
 from lunarl.run.programs import init_state, make_chunk, seed_keys
@@ -62,7 +63,9 @@ def test_ppo_matches_the_reference_to_rounding(reference, setting, num_seeds):
     # The old PPO also reported "env_steps" as a metric; the contract's host counts steps itself.
     expected_metrics = {k[len(prefix + "metrics/"):]: v for k, v in reference.items() if k.startswith(prefix + "metrics/")}
     expected_metrics.pop("env_steps")
-    assert set(metrics) == set(expected_metrics) == set(ppo.METRIC_NAMES)
+    env_metrics = {k for k in metrics if k.startswith(ENV_METRICS_PREFIX)}
+    assert env_metrics == {ENV_METRICS_PREFIX + k for k in ts.env_state.metrics}
+    assert set(metrics) - env_metrics == set(expected_metrics) == set(ppo.METRIC_NAMES)
     for key, want in expected_metrics.items():
         np.testing.assert_allclose(np.asarray(metrics[key]), want, rtol=RTOL, atol=ATOL, err_msg=key)
 

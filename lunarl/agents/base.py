@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,6 +44,7 @@ from lunarl.envs.base import LunarEnv
 
 __all__ = [
     "ENV_AXIS",
+    "ENV_METRICS_PREFIX",
     "EPISODES_FINISHED",
     "EPISODE_LENGTH",
     "EPISODE_RETURN",
@@ -77,6 +79,10 @@ EPISODE_LENGTH = "charts/episode_length"
 SUCCESS_RATE = "charts/success_rate"
 EPISODES_FINISHED = "charts/episodes_finished"
 EPISODE_STATISTICS = (EPISODE_RETURN, EPISODE_LENGTH, SUCCESS_RATE)
+# The host logs every entry of the env's ``State.metrics`` (reward terms, a curriculum level,
+# collision counts) under this prefix: its mean over the envs after each iteration, read from
+# ``Agent.env_state``. A snapshot per iteration, so the agents' own code need not carry it.
+ENV_METRICS_PREFIX = "env/"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +218,9 @@ class Agent:
     * ``running_totals``: metrics that are cumulative counters (gradient steps so far, replay
       size), logged as their value at the end of a chunk rather than averaged over it;
     * ``hyperparameters``: float config fields the agent reads with ``hyperparameter(ts, name)``,
-      which a population may set per row (its TrainState then has an ``hparams`` dict field).
+      which a population may set per row (its TrainState then has an ``hparams`` dict field);
+    * ``env_state(ts)``: the batched env ``State`` in one seed's TrainState (by default its
+      ``env_state`` field), whose ``metrics`` the host logs under ``ENV_METRICS_PREFIX``.
     """
 
     name: str
@@ -227,6 +235,7 @@ class Agent:
     episode_count: str = EPISODES_FINISHED
     running_totals: tuple[str, ...] = ()
     hyperparameters: tuple[str, ...] = ()
+    env_state: Callable[[Any], Any] = operator.attrgetter("env_state")
 
     def __post_init__(self) -> None:
         if not issubclass(self.config_class, AgentConfig):

@@ -328,6 +328,7 @@ def population_agent(agent: Agent, defaults: Mapping[str, Any], smoothing: float
         train_step=train_step,
         policy_params=lambda ms: agent.policy_params(ms.agent),
         env_axes=env_axes,
+        env_state=lambda ms: agent.env_state(ms.agent),
         metric_names=(*agent.metric_names, *extra),
         running_totals=(*agent.running_totals, *extra),
     )

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lunarl._platform import compile_options
-from lunarl.agents.base import SEED_AXIS_NAME, Agent
+from lunarl.agents.base import ENV_METRICS_PREFIX, SEED_AXIS_NAME, Agent
 from lunarl.run.placement import Placement
 
 __all__ = ["abstract_state", "init_state", "make_chunk", "seed_keys", "state_shapes"]
@@ -59,9 +59,12 @@ def make_chunk(
 ) -> Callable[[Any], tuple[Any, dict, jax.Array]]:
     """``chunk(ts) -> (ts, metrics[K, S], finite)``: K seed-vmapped iterations as one ``lax.scan``.
 
+    ``metrics`` holds the agent's ``metric_names`` and, under ``ENV_METRICS_PREFIX``, each
+    entry of the env's ``State.metrics`` averaged over the envs after every iteration.
+
     The input TrainState is donated: its buffers become the output's, so a state that holds a
     replay buffer is never in device memory twice; do not use ``ts`` after the call. ``finite``
-    is False when any metric or policy parameter became NaN/inf, so the host can stop before
+    is False when any of the agent's metrics or policy parameters became NaN/inf, so the host can stop before
     the broken state is saved. ``env`` (the one the states step) picks the XLA compile options.
 
     With a ``placement`` the state is pinned to its shardings after every iteration (env leaves
@@ -78,9 +81,19 @@ def make_chunk(
             return ts
         return jax.lax.with_sharding_constraint(ts, placement.state_shardings(agent, ts))
 
-    def iteration(ts: Any, _: Any) -> tuple[Any, dict]:
+    def env_means(ts: Any) -> dict[str, jax.Array]:
+        """One seed's env ``State.metrics`` averaged over its envs (``ENV_METRICS_PREFIX``)."""
+        state_metrics = agent.env_state(ts).metrics
+        return {ENV_METRICS_PREFIX + k: jnp.mean(v.astype(jnp.float32)) for k, v in state_metrics.items()}
+
+    def iteration(ts: Any, _: Any) -> tuple[Any, tuple[dict, dict]]:
         ts, metrics = step(ts)
-        return pin(ts), metrics
+        if set(metrics) != set(agent.metric_names):
+            raise ValueError(
+                f"agent {agent.name!r}: train_step returned metrics {sorted(metrics)}, "
+                f"but its metric_names are {sorted(agent.metric_names)}"
+            )
+        return pin(ts), (metrics, jax.vmap(env_means)(ts))
 
     def chunk(ts: Any) -> tuple[Any, dict, jax.Array]:
         if placement is None:
@@ -89,13 +102,11 @@ def make_chunk(
             return _chunk(ts)
 
     def _chunk(ts: Any) -> tuple[Any, dict, jax.Array]:
-        ts, metrics = jax.lax.scan(iteration, pin(ts), None, length=num_iterations)
-        if set(metrics) != set(agent.metric_names):
-            raise ValueError(
-                f"agent {agent.name!r}: train_step returned metrics {sorted(metrics)}, "
-                f"but its metric_names are {sorted(agent.metric_names)}"
-            )
+        ts, (metrics, env_metrics) = jax.lax.scan(iteration, pin(ts), None, length=num_iterations)
+        # Env metrics are logged but do not stop a run: the agent's own metrics and parameters
+        # say whether learning broke.
         finite = _all_finite(metrics) & _all_finite(jax.vmap(agent.policy_params)(ts))
+        metrics = {**metrics, **env_metrics}
         if placement is not None:
             metrics, finite = jax.lax.with_sharding_constraint((metrics, finite), placement.replicated)
         return ts, metrics, finite
