@@ -1,5 +1,6 @@
-"""Print the kuka curriculum's levels at every checkpoint a run kept (the training loop logs only
-episode statistics, so the level is read from the checkpointed env states).
+"""Print the kuka curriculum's levels at every checkpoint a run kept, read from the checkpointed
+env states. The training log has only their mean (``env/curriculum_level`` in metrics.jsonl, the
+mean over envs after every iteration); this adds the min, median, max and share at the full task.
 
 Each env keeps its level in ``State.info["curriculum"]`` (lunarl/envs/kuka.py); one row per kept
 checkpoint: iteration, env steps, and the mean / min / median / max level over the run's envs
