@@ -264,6 +264,32 @@ def test_event_loop_noise_is_dropped_and_real_tracebacks_kept():
     assert out.getvalue() == "a\nTraceback (most recent call last):\n  File \"y\"\nValueError: real\nb\n"
 
 
+def test_unretrieved_task_tracebacks_are_dropped_and_other_asyncio_errors_kept():
+    import logging
+
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record.getMessage())
+
+    cli.quiet_libraries()
+    cli.quiet_libraries()  # idempotent: one filter
+    log = logging.getLogger("asyncio")
+    handler = Collect()
+    log.addHandler(handler)
+    try:
+        try:
+            raise ValueError("a sibling read of a damaged checkpoint")
+        except ValueError:
+            log.error("Task exception was never retrieved\nfuture: <Task finished>", exc_info=True)
+        log.error("Exception in callback Loop.run()")
+    finally:
+        log.removeHandler(handler)
+    assert records == ["Exception in callback Loop.run()"]
+    assert sum(isinstance(f, cli._UnretrievedTaskFilter) for f in log.filters) == 1
+
+
 def test_preflight_refuses_a_disk_without_room_for_two_checkpoints(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 

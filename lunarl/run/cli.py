@@ -46,6 +46,19 @@ def quiet_libraries() -> None:
     for name in ("absl", "orbax", "botocore", "boto3", "s3transfer"):  # boto: "Found credentials in ..."
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedTaskFilter) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_UnretrievedTaskFilter())
+
+
+class _UnretrievedTaskFilter(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" records. After a failed Orbax read
+    (a damaged checkpoint), TensorStore's sibling reads fail too and nobody awaits them; asyncio
+    logs each with a traceback when the task is collected, which Hydra's handler prints on
+    stdout. The read that was awaited has already raised, and the app reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Task exception was never retrieved")
 
 
 # --------------------------------------------------------------------------------------------
