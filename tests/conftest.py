@@ -25,11 +25,22 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 
 
+def shared_tmp(tmp_path_factory) -> Path:
+    """A directory of this test session that every pytest-xdist worker sees (``make test`` runs
+    two): the session's base temp dir, or under xdist its parent, which the workers' share."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def app_env(tmp_path_factory) -> dict[str, str]:
     """Environment of the app subprocesses: wandb off, one persistent JAX compilation cache for
-    all of them, and the repo root importable (the toy agent is ``tests.counter_agent``)."""
-    cache = os.environ.get("LUNARL_TEST_JAX_CACHE") or str(tmp_path_factory.mktemp("jax_cache"))
+    all of them (across xdist workers too), and the repo root importable (the toy agent is
+    ``tests.counter_agent``)."""
+    cache = os.environ.get("LUNARL_TEST_JAX_CACHE")
+    if not cache:
+        cache = str(shared_tmp(tmp_path_factory) / "jax_cache")
+        os.makedirs(cache, exist_ok=True)
     return {
         **os.environ,
         "WANDB_MODE": "disabled",

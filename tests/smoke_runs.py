@@ -8,9 +8,10 @@ temporary directory.
 
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
-from conftest import run_app
+from conftest import run_app, shared_tmp
 
 # 20 iterations of 16 envs x 16 steps per seed, chunks of 5, evaluations (and videos) at 10 and 20.
 VIDEO_RUN = [
@@ -28,13 +29,17 @@ VIDEO_STEPS = (2560, 5120)  # global steps of the evaluations, so of the videos
 
 
 def video_run(tmp_path_factory, app_env) -> Path:
-    """The finished run directory (trained on first use in this session)."""
-    run_dir = tmp_path_factory.getbasetemp() / "shared_video_run"
+    """The finished run directory (trained on first use in this session; an xdist worker that
+    asks while another trains it waits for that run instead of training its own)."""
+    base = shared_tmp(tmp_path_factory)
+    run_dir = base / "shared_video_run"
     done = run_dir / "TEST_RUN_FINISHED"
-    if not done.exists():
-        env = {**app_env, "WANDB_MODE": "offline"}  # app_env disables wandb; this run logs offline
-        proc = run_app(env, "lunarl.train", *VIDEO_RUN, f"run.dir={run_dir}", cwd=run_dir.parent)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        (run_dir / "train.stdout").write_text(proc.stdout)
-        done.write_text("ok\n")
+    with open(base / "shared_video_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            env = {**app_env, "WANDB_MODE": "offline"}  # app_env disables wandb; this run logs offline
+            proc = run_app(env, "lunarl.train", *VIDEO_RUN, f"run.dir={run_dir}", cwd=run_dir.parent)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+            (run_dir / "train.stdout").write_text(proc.stdout)
+            done.write_text("ok\n")
     return run_dir
