@@ -51,7 +51,9 @@ __all__ = [
     "add",
     "can_sample",
     "env_axes",
+    "gather_windows",
     "init",
+    "oldest_row",
     "sample",
     "sample_sequences",
 ]
@@ -138,11 +140,21 @@ def sample_sequences(replay: Replay, rng: jax.Array, batch_size: int, length: in
     if length > capacity:
         raise ValueError(f"replay.sample_sequences: length {length} exceeds capacity {capacity}")
     k_row, k_env = jax.random.split(rng)
-    oldest = (replay.position - replay.size) % capacity
     starts = jnp.maximum(replay.size - length + 1, 1)
     offset = jax.random.randint(k_row, (batch_size,), 0, starts)
-    rows = (oldest + offset[:, None] + jnp.arange(length, dtype=jnp.int32)) % capacity
     env = jax.random.randint(k_env, (batch_size,), 0, replay.num_envs)
+    return gather_windows(replay, offset, env, length)
+
+
+def oldest_row(replay: Replay) -> jax.Array:
+    """The row of the oldest written step (window offsets count from it)."""
+    return (replay.position - replay.size) % replay.capacity
+
+
+def gather_windows(replay: Replay, offset: jax.Array, env: jax.Array, length: int) -> Any:
+    """Windows of ``length`` consecutive rows starting ``offset`` rows after the oldest written
+    one, each from its env column ``env`` (both ``[batch]``): leaves ``[batch, length, ...]``."""
+    rows = (oldest_row(replay) + offset[:, None] + jnp.arange(length, dtype=jnp.int32)) % replay.capacity
     return jax.tree.map(lambda d: d[rows, env[:, None]], replay.data)
 
 

@@ -48,20 +48,10 @@ def index(replay: replay_lib.Replay, terminal: jax.Array) -> TerminalIndex:
     flag leaf (> 0.5 = the step ended its episode by termination)."""
     capacity, num_envs = replay.capacity, replay.num_envs
     chex.assert_shape(terminal, (capacity, num_envs))
-    offset = (jnp.arange(capacity, dtype=jnp.int32) - _oldest(replay)) % capacity
+    offset = (jnp.arange(capacity, dtype=jnp.int32) - replay_lib.oldest_row(replay)) % capacity
     written = offset < replay.size
     flags = (terminal > 0.5) & written[:, None]
     return TerminalIndex(counts=jnp.cumsum(flags.reshape(-1).astype(jnp.int32)))
-
-
-def _oldest(replay: replay_lib.Replay) -> jax.Array:
-    return (replay.position - replay.size) % replay.capacity
-
-
-def _gather(replay: replay_lib.Replay, start: jax.Array, env: jax.Array, length: int) -> Any:
-    """Windows of ``length`` rows from start offsets (relative to the oldest row) and columns."""
-    rows = (_oldest(replay) + start[:, None] + jnp.arange(length, dtype=jnp.int32)) % replay.capacity
-    return jax.tree.map(lambda d: d[rows, env[:, None]], replay.data)
 
 
 def sample(
@@ -84,7 +74,7 @@ def sample(
     u = jax.random.randint(k_cell, (num_terminal,), 0, jnp.maximum(terminals.total, 1))
     cell = jnp.searchsorted(terminals.counts, u, side="right").astype(jnp.int32)
     cell = jnp.minimum(cell, capacity * num_envs - 1)
-    at = (cell // num_envs - _oldest(replay)) % capacity  # its offset from the oldest row
+    at = (cell // num_envs - replay_lib.oldest_row(replay)) % capacity  # its offset from the oldest row
     # Place it uniformly among the windows that contain it and fit in the written rows.
     lo = jnp.maximum(at - (length - 1), 0)
     hi = jnp.minimum(at, last_start)
@@ -93,5 +83,5 @@ def sample(
     has = terminals.total > 0
     start = jnp.where(has, start, jax.random.randint(k_start, (num_terminal,), 0, last_start + 1))
     env = jnp.where(has, cell % num_envs, jax.random.randint(k_env, (num_terminal,), 0, num_envs))
-    chosen = _gather(replay, start, env, length)
+    chosen = replay_lib.gather_windows(replay, start, env, length)
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=0), chosen, uniform)
