@@ -103,6 +103,7 @@ class DreamerConfig(AgentConfig):
     buffer_size: int = bounded(1_000_000, 1, None, "replay capacity in env steps (all envs)")
     prefill: int = bounded(2_500, 0, None, "env steps of uniform actions before any update")
     terminal_fraction: float = bounded(0.0, 0.0, 1.0, "share of each batch's windows drawn around a terminal step")
+    terminal_recent: int = bounded(0, 0, None, "env steps (all envs) whose terminal steps those windows draw from (0 = all)")
     horizon: int = bounded(15, 1, None, "imagination steps")
     imagine_starts: int = bounded(0, 0, None, "posterior latents imagined from per update (0 = all batch_size x seq_len)")
     gamma: float = bounded(0.997, 0.0, 1.0)
@@ -171,6 +172,11 @@ class DreamerConfig(AgentConfig):
     def terminal_windows(self) -> int:
         """Windows of each batch drawn around a terminal step (``terminal_replay``)."""
         return round(self.terminal_fraction * self.batch_size)
+
+    @property
+    def terminal_recent_rows(self) -> int:
+        """Newest replay rows whose terminal steps the prioritised windows draw from (0 = all)."""
+        return -(-self.terminal_recent // self.num_envs)
 
     @property
     def env_steps_per_iteration(self) -> int:
@@ -492,7 +498,7 @@ def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any
     n = nets(ts.env, cfg)
     lrs = {k: hyperparameter(ts, k) for k in HYPERPARAMETERS}
     if cfg.terminal_windows > 0:
-        terminals = terminal_replay.index(ts.replay, ts.replay.data.terminated)
+        terminals = terminal_replay.index(ts.replay, ts.replay.data.terminated, cfg.terminal_recent_rows)
 
     def body(carry: tuple, key: jax.Array) -> tuple[tuple, dict]:
         params, opt_state, norm = carry
