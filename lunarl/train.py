@@ -83,7 +83,9 @@ def run(cfg: DictConfig, run_dir: Path, job_label: str, multirun: bool = False) 
 
     try:
         # Before anything touches a JAX backend (building some envs does).
+        distributed.set_cpu_devices(plan.cfg.run)
         distributed.initialize(plan.cfg.run)
+        distributed.check_cpu_devices(plan.cfg.run)
     except ConfigError as e:
         _remove_if_empty_run(run_dir)
         fail("lunarl.train", str(e), EXIT_CONFIG_ERROR)

@@ -7,7 +7,12 @@ Two stacks are measured:
 
 * ``wrapped``: ``wrap_for_training`` (vmap -> episode limit -> auto-reset with a fresh
   randomised reset every step, what agents train on), and
-* ``raw``: ``jax.vmap(env.step)`` alone (finished episodes keep stepping; no resets).
+* ``raw``: the batched ``env.step`` alone (``VmapWrapper``; finished episodes keep stepping;
+  no resets).
+
+``--cpu-devices N`` splits the CPU into N JAX devices (as ``run.cpu_devices=N`` does for
+training) and shards the env batch over them on a ``data`` mesh axis: each device steps its own
+envs on its own thread (``lunarl.envs.base.VmapWrapper``).
 
 Compile time is the ahead-of-time ``lower().compile()`` of the scan. The Gymnasium adapter
 (``gymnasium.make("lunarl/<Env>-v0")``, one env, host round-trip per step) is timed for
@@ -21,6 +26,7 @@ written from an older commit), for before/after tables.
     python scripts/bench_envs.py --env car_track --num-envs 1024,4096 --repeats 3
     python scripts/bench_envs.py --xla-cpu-fusion-emitters on     # compare the XLA flag
     python scripts/bench_envs.py --env kuka --baseline before.json   # 16/64/256 envs, vs an earlier run
+    python scripts/bench_envs.py --env kuka --cpu-devices 2          # the env batch over both cores
 
 Results go to ``--out`` (default ``bench_results/bench_envs.json``). Numbers from a shared
 machine are noisy: quote medians and say so.
@@ -78,6 +84,12 @@ def _parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=1,
+        help="split the CPU into N JAX devices and shard the env batch over them (run.cpu_devices)",
+    )
+    p.add_argument(
         "--xla-cpu-fusion-emitters",
         choices=("on", "off", "default"),
         default="default",
@@ -110,18 +122,31 @@ def _configure_xla(**choices: str) -> None:
 
 
 def bench_jax(
-    env, num_envs: int, steps: int, repeats: int, mode: str, episode_length: int | None, seed: int
+    env,
+    num_envs: int,
+    steps: int,
+    repeats: int,
+    mode: str,
+    episode_length: int | None,
+    seed: int,
+    cpu_devices: int = 1,
 ) -> dict[str, Any]:
     """Median env steps/s of a jitted scan over ``steps`` batched steps with in-scan random actions."""
+    import contextlib
+
     import jax
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from lunarl.envs import wrap_for_training
+    from lunarl.envs.base import VmapWrapper
 
     if mode == "wrapped":
         stack = wrap_for_training(env, episode_length=episode_length)
         reset_fn, step_fn = stack.reset, stack.step
     elif mode == "raw":
-        reset_fn, step_fn = jax.vmap(env.reset), jax.vmap(env.step)
+        stack = VmapWrapper(env)
+        reset_fn, step_fn = stack.reset, stack.step
     else:
         raise ValueError(f"unknown mode {mode!r}; expected 'wrapped' or 'raw'")
 
@@ -135,15 +160,30 @@ def bench_jax(
         (state, key), _ = jax.lax.scan(body, (state, key), None, length=steps)
         return state, key
 
+    # On several devices the programs are traced under a mesh whose ``data`` axis splits the envs.
+    if cpu_devices > 1:
+        if num_envs % cpu_devices:
+            raise SystemExit(f"--num-envs {num_envs} does not split over --cpu-devices {cpu_devices}")
+        mesh = Mesh(np.array(jax.devices()[:cpu_devices]), ("data",))
+        on_mesh = lambda: jax.sharding.use_abstract_mesh(mesh.abstract_mesh)  # noqa: E731
+        keys_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    else:
+        on_mesh, keys_sharding = contextlib.nullcontext, None
+
     key = jax.random.PRNGKey(seed)
     key, reset_key = jax.random.split(key)
-    state = jax.block_until_ready(jax.jit(reset_fn)(jax.random.split(reset_key, num_envs)))
-    t0 = time.perf_counter()
-    compiled = jax.jit(rollout, donate_argnums=0).lower(state, key).compile()
+    reset_keys = jax.device_put(jax.random.split(reset_key, num_envs), keys_sharding)
+    with on_mesh():
+        state = jax.block_until_ready(jax.jit(reset_fn)(reset_keys))
+        t0 = time.perf_counter()
+        compiled = jax.jit(rollout, donate_argnums=0).lower(state, key).compile()
     compile_s = time.perf_counter() - t0
-    state, key = jax.block_until_ready(compiled(state, key))  # warm-up
+    # Feed the state in the layout the program was compiled for (a no-op on one device).
+    state_sharding = compiled.input_shardings[0][0]
+    state, key = jax.block_until_ready(compiled(jax.device_put(state, state_sharding), key))  # warm-up
     times = []
     for _ in range(repeats):
+        state = jax.device_put(state, state_sharding)
         t0 = time.perf_counter()
         state, key = jax.block_until_ready(compiled(state, key))
         times.append(time.perf_counter() - t0)
@@ -151,6 +191,7 @@ def bench_jax(
     return {
         "mode": mode,
         "num_envs": num_envs,
+        "cpu_devices": cpu_devices,
         "steps_per_scan": steps,
         "repeats": repeats,
         "compile_s": compile_s,
@@ -234,6 +275,12 @@ def _print_table(title: str, rows: list[dict[str, Any]]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
+    if args.cpu_devices < 1:
+        raise SystemExit(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
+    if args.cpu_devices > 1:
+        os.environ["XLA_FLAGS"] = (
+            f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
+        )
     _configure_xla(
         xla_cpu_use_fusion_emitters=args.xla_cpu_fusion_emitters,
         xla_cpu_multi_thread_eigen=args.xla_cpu_multi_thread,
@@ -268,10 +315,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for mode in modes:
         for n in sizes:
-            row = bench_jax(env, n, args.steps, args.repeats, mode, args.episode_length, args.seed)
+            row = bench_jax(env, n, args.steps, args.repeats, mode, args.episode_length, args.seed, args.cpu_devices)
             rows.append(row)
             print(
-                f"{args.env} {mode:7s} num_envs={n:>7,}: {row['steps_per_s']:>13,.0f} steps/s (median of {args.repeats}), compile {row['compile_s']:.1f} s",
+                f"{args.env} {mode:7s} num_envs={n:>7,}: {row['steps_per_s']:>13,.0f} steps/s (median of {args.repeats}), compile {row['compile_s']:.1f} s, {args.cpu_devices} CPU device(s)",
                 flush=True,
             )
 

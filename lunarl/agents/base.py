@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from lunarl.config import Config, bounded
+from lunarl.envs import base as envs_base
 from lunarl.envs.base import LunarEnv
 
 __all__ = [
@@ -65,7 +66,7 @@ __all__ = [
 
 #: Mesh axis names the host builds (``lunarl.run.placement``): independent seeds, env batch.
 SEED_AXIS_NAME = "seed"
-DATA_AXIS_NAME = "data"
+DATA_AXIS_NAME = envs_base.DATA_AXIS_NAME
 #: A leaf whose leading axis is the env batch.
 ENV_AXIS = PartitionSpec(DATA_AXIS_NAME)
 #: A leaf every device holds whole (parameters, optimiser state, counters, keys).

@@ -11,7 +11,8 @@ unchanged. What lunarl adds:
   (a ``flax.struct`` dataclass); ``State.info`` holds only ``rng`` plus what wrappers add, so the
   auto-reset wrapper can swap in a fresh episode by replacing ``pipeline_state`` and ``obs``.
 * Wrappers: Brax's ``EpisodeWrapper`` (episode limit, ``info["truncation"]``) and
-  ``VmapWrapper``, and our ``AutoResetWrapper``, which (unlike Brax's) starts every new episode
+  our ``VmapWrapper`` (Brax's, plus one program per device on a ``data`` mesh axis), and our
+  ``AutoResetWrapper``, which (unlike Brax's) starts every new episode
   from a freshly randomised layout, drawn ahead of time a few envs per step so resets cost a
   small fraction of a step, and keeps the last observation of the finished episode in
   ``info["final_obs"]`` so agents can bootstrap through time limits.
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from brax.envs.base import Env, State, Wrapper
-from brax.envs.wrappers.training import EpisodeWrapper, VmapWrapper
+from brax.envs.wrappers.training import EpisodeWrapper
 from flax import struct
 
 from lunarl.config import Config, bounded
@@ -41,6 +42,9 @@ __all__ = [
     "bounded",
     "wrap_for_training",
 ]
+
+#: The mesh axis that splits the env batch (``lunarl.run.placement`` builds it).
+DATA_AXIS_NAME = "data"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +201,42 @@ class AutoResetWrapper(Wrapper):
             fresh=put(pool.fresh, jnp.ones((m,), bool)),
         )
         return pool, put(rng, keys[:, 0])
+
+
+class VmapWrapper(Wrapper):
+    """Steps a batch of envs: ``reset`` takes keys ``[num_envs, 2]``, every State leaf gains a
+    leading env axis.
+
+    Traced under a mesh whose ``data`` axis has several devices (the host's chunk,
+    ``lunarl.run.programs``), the batch is stepped with ``shard_map``: each device steps its own
+    envs as its own program. Under GSPMD instead, a loop whose trip count depends on the data
+    (MJX's constraint solver runs until every env has converged) needs every device's answer at
+    every iteration, so the devices wait on each other. The env step needs no other collective,
+    so both give the same numbers. On one device it is exactly ``vmap``.
+    """
+
+    def reset(self, rng: jax.Array) -> State:
+        return self._batched(self.env.reset, rng)
+
+    def step(self, state: State, action: jax.Array) -> State:
+        return self._batched(self.env.step, state, action)
+
+    @staticmethod
+    def _batched(fn: Any, *args: Any) -> State:
+        batched = jax.vmap(fn)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or DATA_AXIS_NAME not in mesh.axis_names:
+            return batched(*args)
+        devices = mesh.shape[DATA_AXIS_NAME]
+        # The auto-reset wrapper resets a few envs per step: batches that do not split stay vmapped.
+        if devices == 1 or jax.tree.leaves(args)[0].shape[0] % devices:
+            return batched(*args)
+        on_data = jax.sharding.PartitionSpec(DATA_AXIS_NAME)
+        # check_vma=False: MJX's solver has lax.cond branches that differ in varying-ness.
+        sharded = jax.shard_map(
+            batched, in_specs=on_data, out_specs=on_data, axis_names={DATA_AXIS_NAME}, check_vma=False
+        )
+        return sharded(*args)
 
 
 def wrap_for_training(

@@ -28,7 +28,7 @@ import numpy as np
 
 from lunarl.run.schema import ConfigError, RunSchema
 
-__all__ = ["any_process", "initialize", "is_primary", "select_devices", "to_host"]
+__all__ = ["any_process", "check_cpu_devices", "initialize", "is_primary", "select_devices", "set_cpu_devices", "to_host"]
 
 
 def _explicit(run: RunSchema) -> dict[str, Any] | None:
@@ -73,6 +73,34 @@ def initialize(run: RunSchema) -> bool:
     else:
         jax.distributed.initialize()  # JAX detects the SLURM cluster from its environment
     return True
+
+
+_CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def set_cpu_devices(run: RunSchema) -> None:
+    """``run.cpu_devices=N``: XLA's CPU backend starts with N devices. Each device runs its
+    programs on its own thread, so on a mesh whose ``data`` axis spans them every core steps its
+    own share of the envs (worth it for envs whose step XLA:CPU runs on one thread, like MJX's at
+    tens of envs). Call before anything starts a JAX backend; a value already in ``XLA_FLAGS``
+    wins (``check_cpu_devices`` then reports the mismatch)."""
+    if run.cpu_devices is None:
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    if _CPU_DEVICES_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {_CPU_DEVICES_FLAG}={run.cpu_devices}".strip()
+
+
+def check_cpu_devices(run: RunSchema) -> None:
+    """``ConfigError`` when the CPU backend did not start with ``run.cpu_devices`` devices."""
+    if run.cpu_devices is None:
+        return
+    started = len(jax.local_devices(backend="cpu"))
+    if started != run.cpu_devices:
+        raise ConfigError(
+            f"run.cpu_devices={run.cpu_devices}: JAX's CPU backend runs {started} device(s) "
+            f"(started earlier in this process, or {_CPU_DEVICES_FLAG} in XLA_FLAGS says otherwise)"
+        )
 
 
 def is_primary() -> bool:

@@ -68,6 +68,9 @@ class RunSchema:
     # Devices of the (seed, data) mesh: null = all (every process's), N = the first N, or a list
     # of device ids. Seeds split over them where they divide; the rest shard the env batch.
     devices: Any = None
+    # Split this host's CPU into N JAX devices (XLA's --xla_force_host_platform_device_count):
+    # each runs its share of the env batch on its own thread. null = JAX's default (one).
+    cpu_devices: int | None = bounded(None, 1)
     # One run over several processes (lunarl.run.distributed): all three, or none. Under SLURM
     # with more than one task JAX reads them from SLURM's variables instead.
     coordinator_address: str | None = None  # host:port of process 0
