@@ -24,6 +24,37 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
+# XLA:CPU's backend optimisations cost more compile time than the tests' small programs run for
+# (a tiny PPO chunk: 13-14 s to compile at the default level, about 4 s at level 0, the same run
+# time). No assertion depends on them: a comparison of two programs compiles both with the same
+# options. The app subprocesses get them as flags (``app_env``); in-process modules opt in with the
+# ``fast_compile`` fixture or ``fast_jit``. Not for bit-for-bit comparisons of values that two
+# different computations produce (an observation and its copy in ``final_obs`` can round
+# differently at level 0), nor for MJX programs whose run time matters.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def fast_jit(fun, **kw):
+    """``jax.jit`` with ``FAST_COMPILE``."""
+    import jax
+
+    return jax.jit(fun, compiler_options=FAST_COMPILE, **kw)
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """lunarl's own jitted programs (training chunks, evaluation rollouts, video rollouts) are
+    compiled with ``FAST_COMPILE`` added to their options while the module runs."""
+    from lunarl.run import evaluation, programs, video
+
+    patch = pytest.MonkeyPatch()
+    for module in (programs, evaluation, video):
+        base = module.compile_options
+        patch.setattr(module, "compile_options", lambda env, base=base: {**base(env), **FAST_COMPILE})
+    yield
+    patch.undo()
+
 
 def shared_tmp(tmp_path_factory) -> Path:
     """A directory of this test session that every pytest-xdist worker sees (``make test`` runs
@@ -33,10 +64,11 @@ def shared_tmp(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def app_env(tmp_path_factory) -> dict[str, str]:
-    """Environment of the app subprocesses: wandb off, one persistent JAX compilation cache for
-    all of them (across xdist workers too), and the repo root importable (the toy agent is
-    ``tests.counter_agent``)."""
+def exact_app_env(tmp_path_factory) -> dict[str, str]:
+    """Environment of the app subprocesses at XLA's default optimisation level: wandb off, one
+    persistent JAX compilation cache for all of them (across xdist workers too), and the repo
+    root importable (the toy agent is ``tests.counter_agent``). For runs compared bit for bit
+    with runs of another program (another device count)."""
     cache = os.environ.get("LUNARL_TEST_JAX_CACHE")
     if not cache:
         cache = str(shared_tmp(tmp_path_factory) / "jax_cache")
@@ -49,6 +81,12 @@ def app_env(tmp_path_factory) -> dict[str, str]:
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
     }
+
+
+@pytest.fixture(scope="session")
+def app_env(exact_app_env) -> dict[str, str]:
+    """``exact_app_env`` with ``FAST_COMPILE_FLAGS``: what the app tests run with."""
+    return {**exact_app_env, "XLA_FLAGS": f"{exact_app_env.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()}
 
 
 def run_app(app_env, module: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

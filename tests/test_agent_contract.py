@@ -113,6 +113,13 @@ COUNTER = [
 STEPS_PER_CHUNK = 2 * 4 * 8
 
 
+@pytest.fixture(scope="module")
+def app_env(exact_app_env) -> dict[str, str]:
+    """XLA's default optimisation level for this module's app runs: a run on 2 devices resumed
+    on 1 ends bit for bit as a 1-device run there, not at the fast-compile level 0."""
+    return exact_app_env
+
+
 def _train(app_env, run_dir: Path, chunks: int, extra_env: dict | None = None):
     env = {**app_env, **(extra_env or {})}
     proc = run_app(env, "lunarl.train", *COUNTER, f"run.total_env_steps={chunks * STEPS_PER_CHUNK}",

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 from brax.envs.base import Wrapper
-from conftest import run_app
+from conftest import fast_jit, run_app
 
 import lunarl
 from lunarl import report
@@ -42,15 +42,6 @@ from lunarl.run.restore import restore_run
 pytestmark = pytest.mark.timeout(900)
 
 NUM_ENVS = 16
-
-# XLA:CPU's backend optimisations cost more compile time than these small programs run for; the
-# assertions do not depend on them (and the resume comparison runs both sides with the same flags).
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-def fast_jit(fun, **kw):
-    return jax.jit(fun, compiler_options=FAST_COMPILE, **kw)
 
 
 class ForwardThrottle(Wrapper):
@@ -465,8 +456,9 @@ STEPS_PER_CHUNK = 2 * 4 * 8
 
 @pytest.fixture(scope="module")
 def dreamer_env(app_env) -> dict[str, str]:
-    """The apps' environment with the fast-compile XLA flags (every Dreamer app run uses them)."""
-    return {**app_env, "XLA_FLAGS": f"{app_env.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()}
+    """The apps' environment (with conftest's fast-compile XLA flags, as every app run)."""
+    assert "--xla_backend_optimization_level=0" in app_env["XLA_FLAGS"]
+    return app_env
 
 
 def _train(dreamer_env, run_dir: Path, chunks: int, *extra: str):

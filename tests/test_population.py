@@ -12,6 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import fast_jit
 from omegaconf import OmegaConf
 
 import lunarl  # noqa: F401  (compat shim)
@@ -46,7 +47,7 @@ def _copy(tree):
 
 
 @pytest.fixture(scope="module")
-def setting():
+def setting(fast_compile):
     return PointGoal(), ppo.PPOConfig.build(**TINY)
 
 
@@ -109,7 +110,7 @@ def test_hyperparameters_survive_checkpoint_and_resume(setting, trained, tmp_pat
 def test_pbt_copies_the_chosen_members_and_perturbs_only_hyperparameters(trained):
     pop, agent, _, ts, _ = trained
     assert bool(np.all(ts.scored)), "every row must have finished an episode for PBT to act"
-    step = jax.jit(lambda t, k: exploit_and_explore(pop, agent, t, k))
+    step = fast_jit(lambda t, k: exploit_and_explore(pop, agent, t, k))
     key = pop.pbt_key(ITERATIONS)
     new, record = jax.device_get(step(_copy(ts), key))
     again, record_again = jax.device_get(step(_copy(ts), key))
@@ -157,7 +158,7 @@ def test_pbt_copies_the_chosen_members_and_perturbs_only_hyperparameters(trained
 def test_pbt_waits_until_every_member_has_a_score(trained):
     pop, agent, _, ts, _ = trained
     fresh = _copy(ts).replace(scored=ts.scored.at[1].set(False))
-    new, record = jax.device_get(jax.jit(lambda t, k: exploit_and_explore(pop, agent, t, k))(fresh, pop.pbt_key(0)))
+    new, record = jax.device_get(fast_jit(lambda t, k: exploit_and_explore(pop, agent, t, k))(fresh, pop.pbt_key(0)))
     assert not bool(record["applied"])
     np.testing.assert_array_equal(record["source"], np.arange(4))
     for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(jax.device_get(fresh)), strict=True):
