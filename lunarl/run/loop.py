@@ -227,6 +227,10 @@ def _train_chunk(run: _Run, chunk: Any, ts: Any, iteration: int) -> tuple[Any, i
     """Run one chunk (``ts`` is donated), stop on NaN/inf before anything is saved, log its row."""
     every, agent = run.plan.cfg.run.log_every, run.agent
     t0 = time.perf_counter()
+    # The compiled chunk checks its input shardings exactly, and XLA hands zero-size leaves (MJX
+    # has several) back replicated although they were split on a mesh: restate them (a no-op
+    # for every other leaf).
+    ts = jax.device_put(ts, chunk.input_shardings[0][0])
     ts, metrics, finite = chunk(ts)
     metrics = to_host(metrics)
     elapsed = time.perf_counter() - t0
