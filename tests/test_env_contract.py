@@ -76,23 +76,23 @@ def test_vmap_and_determinism(env):
     assert not np.array_equal(np.asarray(obs_a), np.asarray(obs_c))
 
 
-@pytest.mark.parametrize("kind", ["random", "extreme"])
-def test_no_nan_over_long_horizons(env, kind):
+@pytest.fixture(scope="module")
+def long_rollout(env):
+    """The long no-NaN rollout of ``env``, one program for both kinds of action (a traced flag
+    picks uniform or extreme ones): (run(key, extreme), num_envs)."""
     name = [n for n in ENVS if isinstance(env, lunarl.envs.env_class(n))][0]
     num_envs, num_steps = LONG_ROLLOUT.get(name, DEFAULT_LONG_ROLLOUT)
     wrapped = wrap_for_training(env, episode_length=200)
 
     @jax.jit
-    def run(key):
+    def run(key, extreme):
         state = wrapped.reset(jax.random.split(key, num_envs))
 
         def body(carry, key):
             state, bad = carry
-            if kind == "random":
-                action = jax.random.uniform(key, (num_envs, env.action_size), minval=-1, maxval=1)
-            else:
-                action = jnp.where(jax.random.bernoulli(key, 0.5, (num_envs, env.action_size)), 1.0, -1.0)
-            state = wrapped.step(state, action)
+            uniform = jax.random.uniform(key, (num_envs, env.action_size), minval=-1, maxval=1)
+            bang_bang = jnp.where(jax.random.bernoulli(key, 0.5, (num_envs, env.action_size)), 1.0, -1.0)
+            state = wrapped.step(state, jnp.where(extreme, bang_bang, uniform))
             finite = jnp.isfinite(state.obs).all() & jnp.isfinite(state.reward).all()
             for value in state.metrics.values():
                 finite &= jnp.isfinite(value).all()
@@ -101,7 +101,13 @@ def test_no_nan_over_long_horizons(env, kind):
         (state, bad), dones = jax.lax.scan(body, (state, jnp.int32(0)), jax.random.split(key, num_steps))
         return bad, dones.sum(), state
 
-    bad, episodes, state = run(jax.random.PRNGKey(4))
+    return run, num_envs
+
+
+@pytest.mark.parametrize("kind", ["random", "extreme"])
+def test_no_nan_over_long_horizons(env, long_rollout, kind):
+    run, num_envs = long_rollout
+    bad, episodes, state = run(jax.random.PRNGKey(4), kind == "extreme")
     assert int(bad) == 0, f"{int(bad)} steps produced NaN/inf"
     assert int(episodes) >= num_envs, "every env must have finished at least one episode (auto-reset exercised)"
     assert state.obs.shape == (num_envs, env.observation_size)
