@@ -183,7 +183,7 @@ def test_graceful_stop_flags_first_signal_and_arms_a_hard_second_sigint():
     assert signal.getsignal(signal.SIGINT) == before
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, fast_compile):
     """In-process: PPO on the toy env, with parameters poisoned after iteration 10."""
     import dataclasses
     import sys

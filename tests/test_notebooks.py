@@ -1,9 +1,11 @@
 """Every notebook in notebooks/ runs top to bottom (so the docs cannot rot)."""
 
+import os
 from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import FAST_COMPILE_FLAGS
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
@@ -16,7 +18,9 @@ CASES = [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW else p for p 
 
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("path", CASES, ids=lambda p: p.name)
-def test_notebook_executes(path, tmp_path):
+def test_notebook_executes(path, tmp_path, monkeypatch):
+    if path.name not in SLOW:  # compile-bound: the app tests' fast-compile flags (the kernel inherits them)
+        monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip())
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=1500, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
