@@ -15,11 +15,13 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m lunarl.train +experiment=rover $(ARGS)
 
-# Two workers by default (the CI box has 2 cores); TEST_WORKERS=0 runs in one process.
+# Two workers by default (the CI box has 2 cores); TEST_WORKERS=0 runs in one process. Whole
+# files go to the workers in collection order (tests/conftest.py puts the costly ones first),
+# not xdist's default of the files with the most tests first.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
