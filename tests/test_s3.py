@@ -228,6 +228,9 @@ def test_outage_keeps_saving_locally_and_uploads_once_the_server_is_back(s3, tmp
 
         s3.start()
         ckpts.save(8, _state(8), CONFIG, {"iteration": 8})
+        # The mirror may be inside botocore's own retry backoff when the server comes back, which
+        # can outlast the 2 s upload_timeout on a loaded machine: give it time, then wait() must pass.
+        _wait_for(lambda: _remote(prefix, "latest") == {6: True, 8: True}, what="the upload after the outage")
         ckpts.wait()
         _assert_mirrored(prefix, staging, "latest", [6, 8])  # old steps deleted remotely too
         _assert_mirrored(prefix, staging, "best", [6])
