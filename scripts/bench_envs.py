@@ -278,9 +278,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.cpu_devices < 1:
         raise SystemExit(f"--cpu-devices must be >= 1, got {args.cpu_devices}")
     if args.cpu_devices > 1:
-        os.environ["XLA_FLAGS"] = (
-            f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
-        )
+        from lunarl.run import distributed
+        from lunarl.run.schema import RunSchema
+
+        distributed.set_cpu_devices(RunSchema(cpu_devices=args.cpu_devices))  # before JAX starts
     _configure_xla(
         xla_cpu_use_fusion_emitters=args.xla_cpu_fusion_emitters,
         xla_cpu_multi_thread_eigen=args.xla_cpu_multi_thread,

@@ -155,8 +155,7 @@ def split_on_data(x: jax.Array, axis: int = 0) -> jax.Array:
     its share and XLA all-reduces them). Unchanged unless traced in the host's chunk on a mesh
     whose ``data`` axis has several devices (``lunarl.run.programs.make_chunk`` traces under its
     mesh, with seeds vmapped as ``seed``), so single-device programs stay exactly as they were."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or DATA_AXIS_NAME not in mesh.axis_names or mesh.shape[DATA_AXIS_NAME] == 1:
+    if envs_base.data_axis_size() == 1:
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*(None,) * axis, DATA_AXIS_NAME))
 

@@ -47,6 +47,14 @@ __all__ = [
 DATA_AXIS_NAME = "data"
 
 
+def data_axis_size() -> int:
+    """Devices on the ``data`` axis of the mesh being traced under (1 when there is none)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA_AXIS_NAME not in mesh.axis_names:
+        return 1
+    return int(mesh.shape[DATA_AXIS_NAME])
+
+
 @dataclasses.dataclass(frozen=True)
 class EnvConfig(Config):
     """Base of every env's parameters (see ``lunarl.config.Config`` for validation)."""
@@ -224,10 +232,7 @@ class VmapWrapper(Wrapper):
     @staticmethod
     def _batched(fn: Any, *args: Any) -> State:
         batched = jax.vmap(fn)
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or DATA_AXIS_NAME not in mesh.axis_names:
-            return batched(*args)
-        devices = mesh.shape[DATA_AXIS_NAME]
+        devices = data_axis_size()
         # The auto-reset wrapper resets a few envs per step: batches that do not split stay vmapped.
         if devices == 1 or jax.tree.leaves(args)[0].shape[0] % devices:
             return batched(*args)
