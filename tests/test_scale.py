@@ -70,7 +70,7 @@ for n in (1, 4):
         metric_replicated = all(m.sharding.is_fully_replicated for m in metrics.values())
         describe = placement.describe()
         # The largest all-reduce result (a tuple of arrays counts whole), in elements.
-        sizes = [sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for dims in re.findall(r"\[([0-9,]*)\]", line.split("all-reduce(")[0]))
+        sizes = [sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for dims in re.findall(r"\\[([0-9,]*)\\]", line.split("all-reduce(")[0]))
                  for line in compiled.as_text().splitlines() if " all-reduce(" in line]
         largest_all_reduce = max(sizes, default=0)
         largest_param = max(x.size for x in jax.tree.leaves(ts.params))
@@ -180,7 +180,7 @@ def test_distributed_settings_go_together():
 # --------------------------------------------------------------------------------------------
 
 OTHER_AGENTS = """
-import json
+import json, re
 import jax, numpy as np
 import lunarl
 from lunarl.agents.base import DATA_AXIS_NAME
@@ -203,12 +203,18 @@ for name, overrides in {
     for n in (1, 2):
         placement = Placement.for_run(1, 4, jax.devices()[:n])
         ts = init_state(agent, env, plan.agent_config, seed_keys(0, 1), placement)
-        ts, metrics, finite = make_chunk(agent, env, 2, placement)(ts)
+        compiled = make_chunk(agent, env, 2, placement).lower(ts).compile()
+        ts, metrics, finite = compiled(ts)
         states[n] = jax.tree.map(np.asarray, agent.policy_params(jax.tree.map(lambda x: x[0], ts)))
         if n == 2:
             on_data = [DATA_AXIS_NAME in x.sharding.spec for x in jax.tree.leaves(ts.replay)]
+            # The largest all-reduce result (a tuple of arrays counts whole), in elements.
+            sizes = [sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for dims in re.findall(r"\\[([0-9,]*)\\]", line.split("all-reduce(")[0]))
+                     for line in compiled.as_text().splitlines() if " all-reduce(" in line]
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(states[1]), jax.tree.leaves(states[2])) if a.size)
-    result[name] = dict(finite=bool(finite), replay_on_data=on_data, diff=diff)
+    largest_param = max(x.size for x in jax.tree.leaves(states[2]))
+    result[name] = dict(finite=bool(finite), replay_on_data=on_data, diff=diff,
+                        largest_all_reduce=max(sizes, default=0), largest_param=int(largest_param))
 print(json.dumps(result))
 """
 
@@ -221,6 +227,9 @@ def test_sac_and_dreamer_train_on_a_two_device_data_mesh(app_env):
         assert r["finite"], name
         assert r["replay_on_data"] and any(r["replay_on_data"]), name  # the replay's env columns
         assert r["diff"] < 1e-4, (name, r["diff"])
+    # SAC splits its sampled batches over ``data``: the gradients are all-reduced (at least a
+    # weight matrix's worth), rather than every device running the whole update.
+    assert result["sac"]["largest_all_reduce"] >= result["sac"]["largest_param"] > 1, result["sac"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ from lunarl.agents.base import (
     as_raw_key,
     episode_metrics,
     hyperparameter,
+    split_on_data,
     stateless,
 )
 from lunarl.agents.networks import ACTIVATIONS, MLP, RunningStats, feature_size, observation_features
@@ -579,6 +580,9 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
     # Sampling is cheap, so it runs either way and only small operands enter the ``cond``: a
     # TrainState operand would make XLA copy the whole replay into the conditional.
     batches = _sample_batches(ts, k_sample, obs_stats)
+    # Data parallel (a data mesh axis): each device takes a share of every batch and XLA
+    # all-reduces the gradients, instead of every device running the whole update.
+    batches = jax.tree.map(lambda x: split_on_data(x, axis=1), batches)
 
     def learn(operand):
         params, opt_state, batches = operand
