@@ -26,7 +26,15 @@ keys, one episode each, by this script's own rollout. The pair runs ``--repeats`
 alternating, and the headline numbers are medians (the ratio is the median of per-pair ratios).
 Both trainers compile with the same XLA flags (``lunarl._platform.set_process_fusion_emitters``).
 
+With ``--full-replay`` the warm-up fills the whole replay (warm-up = capacity, rounded up to
+whole iterations), so every timed chunk runs with a full buffer: the steady state of any run
+longer than its replay. That is where the two buffers differ: lunarl's ring buffer writes each
+row in place, while Brax's ``UniformSamplingQueue`` makes room for every insert into a full
+buffer by rolling all of it (``jnp.roll`` of the whole ``[max_replay_size, ...]`` array). The
+"compile" figure then includes the fill.
+
     python scripts/bench_sac.py                        # car_track, 64 envs, [256, 256]
+    python scripts/bench_sac.py --full-replay          # the same with the 1 M replay full
     python scripts/bench_sac.py --env rover --num-envs 128 --set utd_ratio=0.5
 """
 
@@ -184,6 +192,7 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-brax", action="store_true")
+    parser.add_argument("--full-replay", action="store_true", help="warm up until the replay is full (see above)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="SACConfig override (repeatable)")
     parser.add_argument(
         "--env-set", action="append", default=[], metavar="FIELD=VALUE", help="env config override (repeatable)"
@@ -205,6 +214,10 @@ def main() -> None:
     except ValueError as e:
         raise SystemExit(f"--set: {e}") from e
     per_iter = cfg.env_steps_per_iteration
+    if args.full_replay:
+        # Brax asserts max_replay_size >= min_replay_size, so both become the rounded-up fill.
+        fill = -(-cfg.buffer_size // per_iter) * per_iter
+        cfg = cfg.replace(buffer_size=fill, warmup_steps=fill)
     chunk_iters = max(1, round(args.total_steps / (args.chunks * per_iter)))
     total_steps = cfg.warmup_steps + args.chunks * chunk_iters * per_iter
     chunk_updates = chunk_iters * cfg.updates_per_iteration
@@ -231,6 +244,7 @@ def main() -> None:
         "chunk_gradient_steps": chunk_updates,
         "repeats": args.repeats,
         "xla_cpu_fusion_emitters": emitters,
+        "full_replay": args.full_replay,
         "env_overrides": env_overrides,
         "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()},
         "eval_episodes": args.eval_episodes,

@@ -346,14 +346,17 @@ def test_agent_yaml_lists_exactly_the_user_fields():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # about a minute: both trainers compile
-def test_bench_sac_writes_side_by_side_results(tmp_path):
+@pytest.mark.slow  # about a minute each: both trainers compile
+@pytest.mark.parametrize("full_replay", [False, True])
+def test_bench_sac_writes_side_by_side_results(tmp_path, full_replay):
     out = tmp_path / "bench_sac.json"
     args = [
         "--env", "car_track", "--num-envs", "4", "--total-steps", "256", "--chunks", "2", "--repeats", "1",
         "--eval-episodes", "4", "--set", "batch_size=16", "--set", "warmup_steps=32", "--set", "unroll_length=4",
-        "--set", "actor_hidden=8", "--set", "critic_hidden=8", "--out", str(out),
+        "--set", "actor_hidden=8", "--set", "critic_hidden=8", "--set", "buffer_size=100", "--out", str(out),
     ]  # fmt: skip
+    if full_replay:
+        args.append("--full-replay")
     env = {**os.environ, "WANDB_MODE": "disabled"}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts/bench_sac.py"), *args], capture_output=True, text=True, timeout=900, env=env
@@ -368,6 +371,10 @@ def test_bench_sac_writes_side_by_side_results(tmp_path):
     assert result["lunarl_sps"] > 0 and result["brax_sps"] > 0
     assert result["ratio"] == result["runs"][0]["ratio"]
     assert result["settings"]["num_envs"] == 4 and result["settings"]["actor_hidden"] == [8]
+    assert result["full_replay"] is full_replay
+    # --full-replay: the warm-up fills the replay (100 rounded up to whole 16-step iterations).
+    expected = (112, 112) if full_replay else (32, 100)
+    assert (result["settings"]["warmup_steps"], result["settings"]["buffer_size"]) == expected
     assert "ratio lunarl/brax" in proc.stdout
 
 
