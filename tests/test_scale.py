@@ -227,9 +227,9 @@ def test_sac_and_dreamer_train_on_a_two_device_data_mesh(app_env):
         assert r["finite"], name
         assert r["replay_on_data"] and any(r["replay_on_data"]), name  # the replay's env columns
         assert r["diff"] < 1e-4, (name, r["diff"])
-    # SAC splits its sampled batches over ``data``: the gradients are all-reduced (at least a
-    # weight matrix's worth), rather than every device running the whole update.
-    assert result["sac"]["largest_all_reduce"] >= result["sac"]["largest_param"] > 1, result["sac"]
+        # The sampled batches are split over ``data``: the gradients are all-reduced (at least a
+        # weight matrix's worth), rather than every device running the whole update.
+        assert r["largest_all_reduce"] >= r["largest_param"] > 1, (name, r)
 
 
 # --------------------------------------------------------------------------------------------

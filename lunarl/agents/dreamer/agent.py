@@ -51,6 +51,7 @@ from lunarl.agents.base import (
     episode_metrics,
     hyperparameter,
     reset_carry,
+    split_on_data,
 )
 from lunarl.agents.dreamer import behavior, terminal_replay
 from lunarl.agents.dreamer.world_model import (
@@ -507,7 +508,9 @@ def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any
             batch = terminal_replay.sample(ts.replay, terminals, k_sample, cfg.batch_size, cfg.seq_len, cfg.terminal_windows)
         else:  # the uniform sampler, so runs without prioritisation keep their random streams
             batch = replay_lib.sample_sequences(ts.replay, k_sample, cfg.batch_size, cfg.seq_len)
-        seq = time_major(batch)
+        # Data parallel (a data mesh axis): each device takes a share of the batch's sequences and
+        # XLA all-reduces the gradients, instead of every device running the whole update.
+        seq = jax.tree.map(lambda x: split_on_data(x, axis=1), time_major(batch))
         params, opt_state, norm, metrics = update(n, cfg, params, opt_state, norm, seq, k_update, lrs)
         metrics["replay/terminal_windows"] = jnp.mean(jnp.any(seq.terminated > 0.5, axis=0).astype(jnp.float32))
         return (params, opt_state, norm), metrics
