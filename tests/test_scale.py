@@ -40,13 +40,27 @@ def _python(app_env: dict, code: str, devices: int, timeout: float = 600) -> dic
 # Data parallel on one process
 # --------------------------------------------------------------------------------------------
 
-EQUIVALENCE = """
+# Shared by the scripts below: the largest all-reduce result of a compiled program (a tuple of
+# arrays counts whole), in elements, read from its HLO text.
+LARGEST_ALL_REDUCE = """
+import re
+import numpy as np
+
+def largest_all_reduce_size(compiled) -> int:
+    sizes = [
+        sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1]))
+            for dims in re.findall(r"\\[([0-9,]*)\\]", line.split("all-reduce(")[0]))
+        for line in compiled.as_text().splitlines() if " all-reduce(" in line
+    ]
+    return max(sizes, default=0)
+"""
+
+EQUIVALENCE = LARGEST_ALL_REDUCE + """
 import json
 import jax, numpy as np
 import lunarl
 from lunarl.agents import ppo
 from lunarl.agents.base import DATA_AXIS_NAME
-import re
 from lunarl.run.placement import MeshTooWide, Placement
 from lunarl.run.programs import init_state, make_chunk, seed_keys
 
@@ -69,10 +83,7 @@ for n in (1, 4):
         replicated = [x.sharding.is_fully_replicated for x in jax.tree.leaves((ts.params, ts.opt_state, ts.obs_stats))]
         metric_replicated = all(m.sharding.is_fully_replicated for m in metrics.values())
         describe = placement.describe()
-        # The largest all-reduce result (a tuple of arrays counts whole), in elements.
-        sizes = [sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for dims in re.findall(r"\\[([0-9,]*)\\]", line.split("all-reduce(")[0]))
-                 for line in compiled.as_text().splitlines() if " all-reduce(" in line]
-        largest_all_reduce = max(sizes, default=0)
+        largest_all_reduce = largest_all_reduce_size(compiled)
         largest_param = max(x.size for x in jax.tree.leaves(ts.params))
 diffs = {}
 for (path, a), (_, b) in zip(out[1][0], out[4][0], strict=True):
@@ -179,8 +190,8 @@ def test_distributed_settings_go_together():
 # SAC and Dreamer through the contract (slow: two more compiles each)
 # --------------------------------------------------------------------------------------------
 
-OTHER_AGENTS = """
-import json, re
+OTHER_AGENTS = LARGEST_ALL_REDUCE + """
+import json
 import jax, numpy as np
 import lunarl
 from lunarl.agents.base import DATA_AXIS_NAME
@@ -208,13 +219,11 @@ for name, overrides in {
         states[n] = jax.tree.map(np.asarray, agent.policy_params(jax.tree.map(lambda x: x[0], ts)))
         if n == 2:
             on_data = [DATA_AXIS_NAME in x.sharding.spec for x in jax.tree.leaves(ts.replay)]
-            # The largest all-reduce result (a tuple of arrays counts whole), in elements.
-            sizes = [sum(int(np.prod([int(d) for d in dims.split(",") if d] or [1])) for dims in re.findall(r"\\[([0-9,]*)\\]", line.split("all-reduce(")[0]))
-                     for line in compiled.as_text().splitlines() if " all-reduce(" in line]
+            largest_all_reduce = largest_all_reduce_size(compiled)
     diff = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(states[1]), jax.tree.leaves(states[2])) if a.size)
     largest_param = max(x.size for x in jax.tree.leaves(states[2]))
     result[name] = dict(finite=bool(finite), replay_on_data=on_data, diff=diff,
-                        largest_all_reduce=max(sizes, default=0), largest_param=int(largest_param))
+                        largest_all_reduce=largest_all_reduce, largest_param=int(largest_param))
 print(json.dumps(result))
 """
 
