@@ -133,6 +133,7 @@ class DreamerConfig(AgentConfig):
     replay_value_scale: float = bounded(0.0, 0.0, None, "critic loss on replayed latents and real returns (DreamerV3 repval: 0.3)")
     return_norm_rate: float = bounded(0.01, 0.0, 1.0)
     return_norm_limit: float = bounded(1.0, 1e-8, None)
+    angle_features: bool = bounded(True, doc="also encode the env's angle observations (rover heading) as (cos, sin)")
 
     def check(self) -> None:
         if self.size not in SIZES:
@@ -237,7 +238,10 @@ class Nets:
 def nets(env: LunarEnv, cfg: DreamerConfig) -> Nets:
     d = cfg.dims
     return Nets(
-        world_model=WorldModelNet(env.observation_size, env.action_size, d, cfg.num_bins),
+        world_model=WorldModelNet(
+            env.observation_size, env.action_size, d, cfg.num_bins,
+            angle_indices=tuple(env.angle_observations) if cfg.angle_features else (),
+        ),
         actor=behavior.ActorNet(env.action_size, d.layers, d.units, cfg.actor_min_std, cfg.actor_max_std),
         critic=behavior.CriticNet(d.layers, d.units, cfg.num_bins),
         twohot=TwoHot(cfg.num_bins),

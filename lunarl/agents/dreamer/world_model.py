@@ -7,7 +7,8 @@ Pieces (DreamerV3, Hafner et al. 2023, for vector observations):
 * ``TwoHot``: a scalar as a distribution over fixed bins equally spaced in symlog space (255 by
   default, -20..20); the reward head and the critic predict logits over those bins and are
   trained by cross-entropy, so large rewards do not produce large gradients.
-* ``WorldModelNet`` (Flax): MLP encoder of ``symlog(obs)``; the RSSM with a deterministic GRU state
+* ``WorldModelNet`` (Flax): MLP encoder of ``symlog(obs)`` (plus cos/sin of the entries listed in
+  ``angle_indices``: a raw heading jumps by 2 pi at the wrap); the RSSM with a deterministic GRU state
   ``deter`` and a stochastic state of ``stoch`` categoricals of ``classes`` classes each (one-hot,
   sampled with straight-through gradients from a 1% uniform mix of the softmax, so no class ever
   has probability 0 and the KL stays finite); the decoder (symlog MSE), the reward head (two-hot)
@@ -190,6 +191,7 @@ class WorldModelNet(nn.Module):
     action_size: int
     dims: ModelDims
     num_bins: int = 255
+    angle_indices: tuple[int, ...] = ()  # observation entries also encoded as (cos, sin)
 
     def setup(self) -> None:
         d = self.dims
@@ -203,7 +205,11 @@ class WorldModelNet(nn.Module):
         self.cont_net = Stack(d.layers, d.units, 1)
 
     def embed(self, obs: jax.Array) -> jax.Array:
-        return self.encoder(symlog(obs))
+        x = symlog(obs)
+        if self.angle_indices:
+            raw = obs[..., list(self.angle_indices)]
+            x = jnp.concatenate([x, jnp.cos(raw), jnp.sin(raw)], axis=-1)
+        return self.encoder(x)
 
     def img_step(self, deter: jax.Array, stoch: jax.Array, action: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Next ``deter`` and the prior logits [..., S*C] after ``action`` from ``(deter, stoch)``."""
