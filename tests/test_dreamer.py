@@ -552,6 +552,32 @@ def test_config_rejects_bad_values():
         dreamer.DreamerConfig.build(num_envs=1, unroll_length=1, train_ratio=1.0)
 
 
+def test_rover_heading_reaches_the_encoder_as_cos_and_sin():
+    """With ``angle_features`` the encoder also reads (cos, sin) of the rover's heading (entry 4):
+    two more inputs. The raw heading stays an input too (as in PPO), so with its encoder weights
+    zeroed the embedding must still see the heading, and identically for h and h - 2 pi."""
+    rover = lunarl.envs.make("rover")
+    size, heading = rover.observation_size, rover.angle_observations[0]
+    obs = jax.random.uniform(jax.random.PRNGKey(1), (1, size), minval=-1.0, maxval=1.0)
+    at = lambda h: obs.at[:, heading].set(h)  # noqa: E731
+
+    def embeddings(angle_features: bool, headings: list[float]) -> list[jax.Array]:
+        cfg = dreamer.DreamerConfig.build(num_envs=2, episode_length=50, angle_features=angle_features)
+        net = dreamer.nets(rover, cfg).world_model
+        params = net.init(jax.random.PRNGKey(0), obs, method=WorldModelNet.embed)  # the encoder only: fast
+        kernel = params["params"]["encoder"]["Dense_0"]["Dense_0"]["kernel"]
+        assert kernel.shape[0] == size + (2 if angle_features else 0)
+        params["params"]["encoder"]["Dense_0"]["Dense_0"]["kernel"] = kernel.at[heading].set(0.0)
+        return [net.apply(params, at(h), method=WorldModelNet.embed) for h in headings]
+
+    h = np.pi - 0.1
+    same, wrapped, turned = embeddings(True, [h, h - 2 * np.pi, h + 0.5])
+    np.testing.assert_allclose(same, wrapped, atol=1e-5)
+    assert float(jnp.max(jnp.abs(same - turned))) > 1e-3
+    blind, blind_turned = embeddings(False, [h, h + 0.5])
+    np.testing.assert_allclose(blind, blind_turned, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Learning the task (slow)
 # --------------------------------------------------------------------------------------------
