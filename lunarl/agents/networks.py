@@ -11,7 +11,8 @@
   waits for chunks that no free thread can run, and the multi-seed ``init`` deadlocks.
 * ``RunningStats``: observation mean/variance merged batch by batch (Chan et al.'s parallel
   form of Welford's update), a pytree that lives in the agent's train state.
-* ``observation_features`` / ``feature_size``: what the networks see of an observation.
+* ``observation_features`` / ``feature_size``: what the networks see of an observation
+  (``with_angle_features``: its (cos, sin) part, which Dreamer's encoder uses too).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-__all__ = ["ACTIVATIONS", "MLP", "ActorCritic", "RunningStats", "feature_size", "observation_features", "orthogonal"]
+__all__ = ["ACTIVATIONS", "MLP", "ActorCritic", "RunningStats", "feature_size", "observation_features", "orthogonal", "with_angle_features"]
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": nn.tanh,
@@ -160,10 +161,15 @@ def observation_features(env: Any, stats: RunningStats, obs: jax.Array, normaliz
     a raw angle jumps by 2 pi across the wrap, which an MLP must otherwise learn to bridge."""
     x = stats.normalize(obs) if normalize else obs
     angles = tuple(getattr(env, "angle_observations", ())) if angle_features else ()
-    if angles:
-        raw = obs[..., angles]
-        x = jnp.concatenate([x, jnp.cos(raw), jnp.sin(raw)], axis=-1)
-    return x
+    return with_angle_features(x, obs, angles)
+
+
+def with_angle_features(x: jax.Array, obs: jax.Array, angles: tuple[int, ...]) -> jax.Array:
+    """``x`` followed by (cos, sin) of the raw ``obs`` entries ``angles`` (``x`` itself if none)."""
+    if not angles:
+        return x
+    raw = obs[..., list(angles)]
+    return jnp.concatenate([x, jnp.cos(raw), jnp.sin(raw)], axis=-1)
 
 
 def feature_size(env: Any, angle_features: bool) -> int:

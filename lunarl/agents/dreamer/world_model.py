@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from lunarl.agents.networks import with_angle_features
+
 __all__ = [
     "Latent",
     "ModelDims",
@@ -205,11 +207,7 @@ class WorldModelNet(nn.Module):
         self.cont_net = Stack(d.layers, d.units, 1)
 
     def embed(self, obs: jax.Array) -> jax.Array:
-        x = symlog(obs)
-        if self.angle_indices:
-            raw = obs[..., list(self.angle_indices)]
-            x = jnp.concatenate([x, jnp.cos(raw), jnp.sin(raw)], axis=-1)
-        return self.encoder(x)
+        return self.encoder(with_angle_features(symlog(obs), obs, self.angle_indices))
 
     def img_step(self, deter: jax.Array, stoch: jax.Array, action: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Next ``deter`` and the prior logits [..., S*C] after ``action`` from ``(deter, stoch)``."""
