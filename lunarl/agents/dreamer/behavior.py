@@ -26,15 +26,15 @@ of still being in the episode (``prod gamma c``, stopped).
   them through the learned dynamics, reward and critic (the world model and critic parameters are
   constants there); ``reinforce`` uses the score function with the advantage
   ``(R_t - v_t) / scale``. **Default: ``backprop``**, for the budget the car-track target sets
-  (1/10 of PPO's env steps, 32,768): there it learns earlier (first laps at 8-10k env steps against REINFORCE's
-  15-25k) and reaches 90% of held-out tracks on 3 of 6 seeds against REINFORCE's 2 of 6 (both with
-  recent terminal windows). Its weakness is that a third of the seeds never drive: it follows the
-  gradient of the model and critic, so where they say every action ends in a crash (or that
-  crawling is fine) it has nothing to climb. REINFORCE, with the replay value loss tying the
-  critic to real returns, keeps exploring (its std stays ~0.3) and got all 6 of those seeds past
-  90% by 46k env steps, where backprop got 4; for longer runs use ``actor_grad=reinforce
-  replay_value_scale=0.3``. The runs, and an early one in which REINFORCE's steering drifted to
-  full lock, are in scripts/results/dreamer.md.
+  (1/10 of PPO's env steps, 32,768): there it learns earlier (first laps at 8-10k env steps
+  against REINFORCE's 15-25k) and reaches 90% of held-out tracks on 3 of 6 seeds against
+  REINFORCE's 2 of 6 (both with recent terminal windows). Its weakness is that a third of the
+  seeds never drive: it follows the gradient of the model and critic, so where they say every
+  action ends in a crash (or that crawling is fine) it has nothing to climb. REINFORCE, with the
+  replay value loss tying the critic to real returns, keeps exploring (its std stays ~0.3) and got
+  all 6 of those seeds past 90% by 46k env steps, where backprop got 4; for longer runs use
+  ``actor_grad=reinforce replay_value_scale=0.3``. The runs, and an early one in which
+  REINFORCE's steering drifted to full lock, are in scripts/results/dreamer.md.
 """
 
 from __future__ import annotations
