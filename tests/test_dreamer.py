@@ -578,6 +578,26 @@ def test_rover_heading_reaches_the_encoder_as_cos_and_sin():
     np.testing.assert_allclose(blind, blind_turned, atol=1e-6)
 
 
+def test_actor_out_scale_starts_every_state_near_zero_mean_and_top_std():
+    """``actor_out_scale`` scales the variance of the actor's output initialiser: at DreamerV3's
+    0.01 a fresh actor's mean is near 0 and its std near ``min + (max - min) sigmoid(2)`` in every
+    state; at 1 (LeCun normal) the means differ by state, some close to full lock."""
+    feat = jax.random.normal(jax.random.PRNGKey(3), (512, 64))
+
+    def fresh(out_scale: float) -> tuple[np.ndarray, np.ndarray]:
+        actor = behavior.ActorNet(2, 2, 64, 0.1, 1.0, out_scale)
+        params = actor.init(jax.random.PRNGKey(0), feat)
+        return tuple(np.asarray(x) for x in actor.apply(params, feat))
+
+    mean, std = fresh(0.01)
+    top = 0.1 + 0.9 / (1.0 + np.exp(-2.0))
+    assert np.max(np.abs(mean)) < 0.35 and np.max(np.abs(std - top)) < 0.05
+    wide_mean, _ = fresh(1.0)
+    assert np.max(np.abs(wide_mean)) > 0.9 and np.std(wide_mean) > 3 * np.std(mean)
+    with pytest.raises(ValueError, match="actor_out_scale"):
+        dreamer.DreamerConfig.build(actor_out_scale=-1.0)
+
+
 # --------------------------------------------------------------------------------------------
 # Learning the task (slow)
 # --------------------------------------------------------------------------------------------

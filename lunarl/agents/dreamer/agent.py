@@ -128,6 +128,7 @@ class DreamerConfig(AgentConfig):
     actor_entropy: float = bounded(3e-4, 0.0, None)
     actor_min_std: float = bounded(0.1, 1e-4, None)
     actor_max_std: float = bounded(1.0, 1e-4, None)
+    actor_out_scale: float = bounded(1.0, 0.0, None, "init variance scale of the actor's output layer (DreamerV3: 0.01)")
     slow_critic_rate: float = bounded(0.02, 0.0, 1.0)
     slow_reg: float = bounded(1.0, 0.0, None)
     replay_value_scale: float = bounded(0.0, 0.0, None, "critic loss on replayed latents and real returns (DreamerV3 repval: 0.3)")
@@ -242,7 +243,9 @@ def nets(env: LunarEnv, cfg: DreamerConfig) -> Nets:
             env.observation_size, env.action_size, d, cfg.num_bins,
             angle_indices=tuple(env.angle_observations) if cfg.angle_features else (),
         ),
-        actor=behavior.ActorNet(env.action_size, d.layers, d.units, cfg.actor_min_std, cfg.actor_max_std),
+        actor=behavior.ActorNet(
+            env.action_size, d.layers, d.units, cfg.actor_min_std, cfg.actor_max_std, cfg.actor_out_scale
+        ),
         critic=behavior.CriticNet(d.layers, d.units, cfg.num_bins),
         twohot=TwoHot(cfg.num_bins),
     )

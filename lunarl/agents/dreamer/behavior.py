@@ -82,10 +82,11 @@ class ActorNet(nn.Module):
     units: int
     min_std: float = 0.1
     max_std: float = 1.0
+    out_scale: float = 1.0
 
     @nn.compact
     def __call__(self, feat: jax.Array) -> tuple[jax.Array, jax.Array]:
-        out = Stack(self.layers, self.units, 2 * self.action_size)(feat)
+        out = Stack(self.layers, self.units, 2 * self.action_size, out_scale=self.out_scale)(feat)
         mean, raw = jnp.split(out, 2, axis=-1)
         # +2: a fresh actor starts near max_std, i.e. exploring.
         std = self.min_std + (self.max_std - self.min_std) * jax.nn.sigmoid(raw + 2.0)

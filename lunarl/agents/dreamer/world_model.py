@@ -154,18 +154,23 @@ class Dense(nn.Module):
 
 class Stack(nn.Module):
     """``layers`` of ``Dense`` then a linear output (``zero_out``: zero-initialised, so a fresh
-    reward head or critic predicts exactly 0 instead of a random value)."""
+    reward head or critic predicts exactly 0 instead of a random value; ``out_scale``: the
+    variance scale of its LeCun-normal initialiser, DreamerV3's ``outscale``)."""
 
     layers: int
     units: int
     out: int
     zero_out: bool = False
+    out_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for _ in range(self.layers):
             x = Dense(self.units)(x)
-        init = nn.initializers.zeros if self.zero_out else nn.initializers.lecun_normal()
+        if self.zero_out:
+            init = nn.initializers.zeros
+        else:  # at out_scale 1 this is exactly lecun_normal
+            init = nn.initializers.variance_scaling(self.out_scale, "fan_in", "truncated_normal")
         return nn.Dense(self.out, kernel_init=init)(x)
 
 
