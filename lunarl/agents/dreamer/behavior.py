@@ -31,8 +31,8 @@ of still being in the episode (``prod gamma c``, stopped).
   ``(R_t - v_t) / scale``. **Default: ``backprop``**, for the budget the car-track target sets
   (1/10 of PPO's env steps, 32,768): there it learns earlier (first laps at 8-10k env steps
   against REINFORCE's 15-25k) and reaches 90% of held-out tracks on 3 of 6 seeds against
-  REINFORCE's 2 of 6 (both with recent terminal windows), and 4 of 6, every seed driving, with
-  the output scale 0.01 (REINFORCE with it: 0 of 3, its std stayed at 0.6-0.9). Without that
+  REINFORCE's 2 of 6 (both with recent terminal windows), and 4 of those 6 with the output scale
+  0.01 (0 of 3 further seeds; REINFORCE with it: 0 of 3, its std stayed at 0.6-0.9). Without that
   scale a third of backprop's seeds never drove: it follows the gradient of the model and critic,
   so where they say every action ends in a crash (or that crawling is fine) it has nothing to
   climb. REINFORCE, with the replay value loss tying the critic to real returns, keeps exploring
