@@ -608,8 +608,8 @@ def test_agent_improves_its_return_on_one_fixed_track(env):
     """One fixed track, 16 envs, the committed car_track_dreamer agent settings: the deterministic
     policy's return rises well above the random policy's (a crash, about -5; standing still for
     the 300 steps, -3) within 120 iterations (30,720 env steps); +3 means it drives a good part of
-    the track without crashing. (Session 10's settings start later here than session 9's, which
-    passed at 60: -2.8 at 15,360, -4.6 at 20,480, +4.0 at 25,600, +5.4 at 30,720 from -3.5.)"""
+    the track without crashing. (The experiment's settings since session 10 start later on this
+    track than the earlier ones: scripts/results/dreamer.md, session 10.)"""
     import yaml
 
     track = lunarl.envs.make("car_track", track_seed=0)
