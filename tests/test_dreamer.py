@@ -18,6 +18,7 @@ import optax
 import pytest
 from brax.envs.base import Wrapper
 from conftest import fast_jit, run_app
+from jax.flatten_util import ravel_pytree
 
 import lunarl
 from lunarl import report
@@ -26,6 +27,7 @@ from lunarl.agents import replay as replay_lib
 from lunarl.agents.dreamer import agent as dreamer
 from lunarl.agents.dreamer import behavior, terminal_replay
 from lunarl.agents.dreamer.world_model import (
+    Latent,
     TwoHot,
     WorldModelNet,
     kl_losses,
@@ -601,6 +603,48 @@ def test_actor_out_scale_starts_every_state_near_zero_mean_and_top_std():
 # --------------------------------------------------------------------------------------------
 # Learning the task (slow)
 # --------------------------------------------------------------------------------------------
+
+
+def test_mixed_actor_gradient_is_the_weighted_sum_of_backprop_and_reinforce(env):
+    """``actor_grad="mix"`` differentiates ``(1 - share) * backprop + share * REINFORCE``: on one
+    imagined batch (same key, so the same rollout) its actor gradient is that blend of the two
+    pure gradients, which themselves differ (no entropy bonus, which both share); shares outside
+    [0, 1] are refused."""
+    share = 0.3
+    cfg = dreamer.DreamerConfig.build(num_envs=2, episode_length=50, buffer_size=256, horizon=5)
+    state = dreamer.init(jax.random.PRNGKey(0), env, cfg)
+    n = dreamer.nets(env, cfg)
+    d = cfg.dims
+    k_deter, k_stoch = jax.random.split(jax.random.PRNGKey(1))
+    classes = jax.random.randint(k_stoch, (32, d.stoch), 0, d.classes)
+    start = Latent(
+        deter=jax.random.normal(k_deter, (32, d.deter)),
+        stoch=jax.nn.one_hot(classes, d.classes).reshape(32, -1),
+    )
+    p = state.params
+
+    @jax.jit
+    def grads():
+        def grad_of(mode: str):
+            loss = lambda a: behavior.behavior_losses(  # noqa: E731
+                n.world_model, p["world_model"], n.actor, a, n.critic, p["critic"], start, jnp.ones(32),
+                behavior.ReturnNorm.create(), jax.random.PRNGKey(2), horizon=cfg.horizon, unimix=cfg.unimix,
+                gamma=cfg.gamma, lam=cfg.lam, actor_grad=mode, actor_entropy=0.0,
+                norm_rate=cfg.return_norm_rate, norm_limit=cfg.return_norm_limit, twohot=n.twohot,
+                reinforce_share=share,
+            )[0]  # fmt: skip
+            return ravel_pytree(jax.grad(loss)(p["actor"]))[0]
+
+        return grad_of("backprop"), grad_of("reinforce"), grad_of("mix")
+
+    backprop, reinforce, mix = (np.asarray(g, np.float64) for g in grads())
+    blend = (1.0 - share) * backprop + share * reinforce
+    np.testing.assert_allclose(mix, blend, rtol=1e-4, atol=1e-4 * np.max(np.abs(blend)))
+    gap = np.linalg.norm(backprop - reinforce) / max(np.linalg.norm(backprop), np.linalg.norm(reinforce))
+    assert gap > 0.1, gap
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="actor_reinforce_share"):
+            dreamer.DreamerConfig.build(actor_reinforce_share=bad)
 
 
 @pytest.mark.slow

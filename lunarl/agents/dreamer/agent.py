@@ -85,7 +85,7 @@ SIZES: dict[str, ModelDims] = {
     "1m": ModelDims(deter=512, hidden=64, stoch=32, classes=4, units=64, layers=2),
     "12m": ModelDims(deter=2048, hidden=256, stoch=32, classes=16, units=256, layers=2),
 }
-ACTOR_GRADS = ("backprop", "reinforce")
+ACTOR_GRADS = ("backprop", "reinforce", "mix")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +125,7 @@ class DreamerConfig(AgentConfig):
     unimix: float = bounded(0.01, 0.0, 1.0)
     num_bins: int = bounded(255, 3, None)
     actor_grad: str = "backprop"
+    actor_reinforce_share: float = bounded(0.5, 0.0, 1.0, "REINFORCE's weight in the actor objective with actor_grad=mix")
     actor_entropy: float = bounded(3e-4, 0.0, None)
     actor_min_std: float = bounded(0.1, 1e-4, None)
     actor_max_std: float = bounded(1.0, 1e-4, None)
@@ -471,6 +472,7 @@ def update(
         n.world_model, params["world_model"], n.actor, params["actor"], n.critic, params["critic"], start,
         start_cont, norm, k_imagine, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
         actor_grad=cfg.actor_grad, actor_entropy=cfg.actor_entropy, norm_rate=cfg.return_norm_rate,
+        reinforce_share=cfg.actor_reinforce_share,
         norm_limit=cfg.return_norm_limit, twohot=n.twohot,
     )  # fmt: skip
     updates, actor_opt = opts["actor"].update(grads, opt_state["actor"])

@@ -39,6 +39,9 @@ of still being in the episode (``prod gamma c``, stopped).
   (its std stays ~0.3) and got all 6 of those seeds past 90% by 46k env steps (output scale 1),
   where backprop then got 4; ``actor_grad=reinforce replay_value_scale=0.3``. The runs, and an
   early one in which REINFORCE's steering drifted to full lock, are in scripts/results/dreamer.md.
+  ``mix`` (DreamerV2's ``both``) maximises ``(1 - s) * backprop + s * REINFORCE`` objectives,
+  ``s = reinforce_share``. Mid-run on the car the backprop gradient's norm is 4-13x REINFORCE's,
+  so the two weigh about the same only at a share near 0.9.
 """
 
 from __future__ import annotations
@@ -218,12 +221,15 @@ def behavior_losses(
     actor_grad: str,
     actor_entropy: float,
     norm_rate: float,
+    reinforce_share: float,
     norm_limit: float,
     twohot: TwoHot,
 ) -> tuple[jax.Array, tuple[Imagined, jax.Array, jax.Array, ReturnNorm, dict[str, jax.Array]]]:
     """The actor loss (differentiable in ``actor_params``) and, as aux, what the critic needs:
     (stopped rollout, stopped returns, stopped step weights, the updated normaliser, metrics).
-    ``start_cont`` [N]: 0 where the start latent is terminal (those rollouts get weight 0)."""
+    ``start_cont`` [N]: 0 where the start latent is terminal (those rollouts get weight 0).
+    ``reinforce_share``: with ``actor_grad="mix"``, the weight of the REINFORCE objective (the
+    backprop objective gets ``1 - reinforce_share``)."""
     sg = jax.lax.stop_gradient
     traj = imagine(wm, wm_params, actor, actor_params, start, rng, horizon, unimix)
     if actor_grad == "reinforce":
@@ -239,13 +245,15 @@ def behavior_losses(
     scale = norm.scale(norm_limit)
     mean, std = actor.apply(actor_params, sg(traj.feat[:-1]))
     entropy = action_distribution(mean, std)["entropy"]
+    if actor_grad not in ("backprop", "reinforce", "mix"):
+        raise ValueError(f"actor_grad={actor_grad!r}: use 'backprop', 'reinforce' or 'mix'")
     if actor_grad == "backprop":
         objective = returns / scale
-    elif actor_grad == "reinforce":
-        advantage = sg((returns - value[:-1]) / scale)
-        objective = gaussian_log_prob(sg(traj.raw_action), mean, std) * advantage
     else:
-        raise ValueError(f"actor_grad={actor_grad!r}: use 'backprop' or 'reinforce'")
+        advantage = sg((returns - value[:-1]) / scale)
+        score = gaussian_log_prob(sg(traj.raw_action), mean, std) * advantage
+        mixed = (1.0 - reinforce_share) * returns / scale + reinforce_share * score
+        objective = score if actor_grad == "reinforce" else mixed
     loss = -jnp.mean(weight * (objective + actor_entropy * entropy))
     metrics = {
         "actor/loss": loss,
