@@ -41,7 +41,9 @@ of still being in the episode (``prod gamma c``, stopped).
   early one in which REINFORCE's steering drifted to full lock, are in scripts/results/dreamer.md.
   ``mix`` (DreamerV2's ``both``) maximises ``(1 - s) * backprop + s * REINFORCE`` objectives,
   ``s = reinforce_share``. Mid-run on the car the backprop gradient's norm is 4-13x REINFORCE's,
-  so the two weigh about the same only at a share near 0.9.
+  so the two weigh about the same only at a share near 0.9. At 0.9 the car got 4 of 9 seeds past
+  90% (as backprop did, failing on other seeds), and kuka_reach seed 1, which backprop never
+  taught to reach, got 92.2% by 41k env steps.
 """
 
 from __future__ import annotations
