@@ -600,11 +600,6 @@ def test_actor_out_scale_starts_every_state_near_zero_mean_and_top_std():
         dreamer.DreamerConfig.build(actor_out_scale=-1.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Learning the task (slow)
-# --------------------------------------------------------------------------------------------
-
-
 def test_mixed_actor_gradient_is_the_weighted_sum_of_backprop_and_reinforce(env):
     """``actor_grad="mix"`` differentiates ``(1 - share) * backprop + share * REINFORCE``: on one
     imagined batch (same key, so the same rollout) its actor gradient is that blend of the two
@@ -645,6 +640,11 @@ def test_mixed_actor_gradient_is_the_weighted_sum_of_backprop_and_reinforce(env)
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match="actor_reinforce_share"):
             dreamer.DreamerConfig.build(actor_reinforce_share=bad)
+
+
+# --------------------------------------------------------------------------------------------
+# Learning the task (slow)
+# --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.slow

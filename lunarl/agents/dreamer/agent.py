@@ -125,7 +125,7 @@ class DreamerConfig(AgentConfig):
     unimix: float = bounded(0.01, 0.0, 1.0)
     num_bins: int = bounded(255, 3, None)
     actor_grad: str = "backprop"
-    actor_reinforce_share: float = bounded(0.5, 0.0, 1.0, "REINFORCE's weight in the actor objective with actor_grad=mix")
+    actor_reinforce_share: float = bounded(0.9, 0.0, 1.0, "REINFORCE's weight in the actor objective with actor_grad=mix")
     actor_entropy: float = bounded(3e-4, 0.0, None)
     actor_min_std: float = bounded(0.1, 1e-4, None)
     actor_max_std: float = bounded(1.0, 1e-4, None)

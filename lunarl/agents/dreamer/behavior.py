@@ -253,9 +253,9 @@ def behavior_losses(
         objective = returns / scale
     else:
         advantage = sg((returns - value[:-1]) / scale)
-        score = gaussian_log_prob(sg(traj.raw_action), mean, std) * advantage
-        mixed = (1.0 - reinforce_share) * returns / scale + reinforce_share * score
-        objective = score if actor_grad == "reinforce" else mixed
+        objective = gaussian_log_prob(sg(traj.raw_action), mean, std) * advantage
+        if actor_grad == "mix":
+            objective = (1.0 - reinforce_share) * returns / scale + reinforce_share * objective
     loss = -jnp.mean(weight * (objective + actor_entropy * entropy))
     metrics = {
         "actor/loss": loss,
