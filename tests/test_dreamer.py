@@ -642,6 +642,46 @@ def test_mixed_actor_gradient_is_the_weighted_sum_of_backprop_and_reinforce(env)
             dreamer.DreamerConfig.build(actor_reinforce_share=bad)
 
 
+def test_actor_ema_is_the_evaluated_policy_and_changes_no_training_step(env, collected):
+    """With ``actor_ema_rate = r`` an update moves the EMA actor to ``ema + r (actor' - ema)``
+    (``actor'`` the updated actor) and leaves every trained network as it is without the EMA;
+    ``policy_params`` (evaluation, videos, exports) hands out the EMA, while collection keeps
+    acting with the live actor, so the EMA changes no training data either."""
+    replay_ts, _ = collected
+    rate = 0.25
+    seq = dreamer.time_major(replay_lib.sample_sequences(replay_ts.replay, jax.random.PRNGKey(3), 4, 8))
+    runs = {}
+    for r in (0.0, rate):
+        cfg = dreamer.DreamerConfig.build(
+            num_envs=4, episode_length=200, unroll_length=4, batch_size=4, seq_len=8, horizon=3, buffer_size=64,
+            prefill=0, actor_ema_rate=r,
+        )  # fmt: skip
+        ts = dreamer.init(jax.random.PRNGKey(0), env, cfg)
+        if r:  # an EMA apart from the actor, so the update's arithmetic shows
+            assert set(ts.params) == {"world_model", "actor", "critic", "slow_critic", "actor_ema"}
+            ts = ts.replace(params={**ts.params, "actor_ema": jax.tree.map(lambda x: x + 0.1, ts.params["actor"])})
+        else:
+            assert "actor_ema" not in ts.params
+        n = dreamer.nets(env, cfg)
+        update = fast_jit(lambda p, o, norm, c=cfg, n=n: dreamer.update(n, c, p, o, norm, seq, jax.random.PRNGKey(4)))
+        params = update(ts.params, ts.opt_state, ts.return_norm)[0]
+        rows = fast_jit(dreamer.collect)(ts, jax.random.PRNGKey(5))[3]
+        runs[r] = (ts, params, rows)
+
+    (ts0, trained0, rows0), (ts1, trained1, rows1) = runs[0.0], runs[rate]
+    for name in ("world_model", "actor", "critic", "slow_critic"):
+        np.testing.assert_allclose(ravel_pytree(trained1[name])[0], ravel_pytree(trained0[name])[0], rtol=1e-6, atol=1e-7)
+    expected = jax.tree.map(lambda e, a: e + rate * (a - e), ts1.params["actor_ema"], trained1["actor"])
+    np.testing.assert_allclose(ravel_pytree(trained1["actor_ema"])[0], ravel_pytree(expected)[0], rtol=1e-6, atol=1e-7)
+    assert np.max(np.abs(ravel_pytree(trained1["actor_ema"])[0] - ravel_pytree(trained1["actor"])[0])) > 0.05
+    evaluated = dreamer.policy_params(ts1.replace(params=trained1))
+    assert evaluated["actor"] is trained1["actor_ema"] and evaluated["world_model"] is trained1["world_model"]
+    assert dreamer.policy_params(ts0.replace(params=trained0))["actor"] is trained0["actor"]
+    np.testing.assert_array_equal(rows1.action, rows0.action)  # the live actor acted in both
+    with pytest.raises(ValueError, match="actor_ema_rate"):
+        dreamer.DreamerConfig.build(actor_ema_rate=1.5)
+
+
 # --------------------------------------------------------------------------------------------
 # Learning the task (slow)
 # --------------------------------------------------------------------------------------------

@@ -131,6 +131,9 @@ class DreamerConfig(AgentConfig):
     actor_max_std: float = bounded(1.0, 1e-4, None)
     actor_out_scale: float = bounded(1.0, 0.0, None, "init variance scale of the actor's output layer (DreamerV3: 0.01)")
     slow_critic_rate: float = bounded(0.02, 0.0, 1.0)
+    actor_ema_rate: float = bounded(
+        0.0, 0.0, 1.0, "EMA rate per update of the actor that evaluation uses (0 = the live actor)"
+    )
     slow_reg: float = bounded(1.0, 0.0, None)
     replay_value_scale: float = bounded(0.0, 0.0, None, "critic loss on replayed latents and real returns (DreamerV3 repval: 0.3)")
     return_norm_rate: float = bounded(0.01, 0.0, 1.0)
@@ -211,7 +214,7 @@ HYPERPARAMETERS = ("model_lr", "actor_lr", "critic_lr")
 class TrainState(struct.PyTreeNode):
     """Everything one Dreamer run carries between iterations; only arrays are pytree leaves."""
 
-    params: dict[str, Any]  # world_model, actor, critic, slow_critic
+    params: dict[str, Any]  # world_model, actor, critic, slow_critic (+ actor_ema if actor_ema_rate > 0)
     opt_state: dict[str, Any]  # world_model, actor, critic
     return_norm: behavior.ReturnNorm
     replay: replay_lib.Replay
@@ -292,6 +295,8 @@ def init(rng: jax.Array, env: LunarEnv, cfg: DreamerConfig) -> TrainState:
     # The slow critic starts equal to the critic, in buffers of its own (a donated state cannot
     # hold one buffer twice).
     params = {"world_model": wm, "actor": actor, "critic": critic, "slow_critic": jax.tree.map(jnp.copy, critic)}
+    if cfg.actor_ema_rate > 0:
+        params["actor_ema"] = jax.tree.map(jnp.copy, actor)
     opts = _optimizers(cfg)
     return TrainState(
         params=params,
@@ -327,7 +332,13 @@ def _initial_carry(env: LunarEnv, cfg: DreamerConfig, batch_size: int) -> dict[s
 
 
 def policy_params(ts: TrainState) -> dict[str, Any]:
-    """What acting needs: the world model (to filter the latent) and the actor."""
+    """The policy that evaluation, videos and exports run: the world model (to filter the latent)
+    and the actor, its EMA copy when ``actor_ema_rate > 0``."""
+    return {"world_model": ts.params["world_model"], "actor": ts.params.get("actor_ema", ts.params["actor"])}
+
+
+def _acting_params(ts: TrainState) -> dict[str, Any]:
+    """What collection acts with: always the live actor, so the EMA changes no training data."""
     return {"world_model": ts.params["world_model"], "actor": ts.params["actor"]}
 
 
@@ -371,7 +382,7 @@ def collect(ts: TrainState, rng: jax.Array) -> tuple[State, dict[str, jax.Array]
     cfg = ts.cfg
     env = _training_env(ts.env, cfg)
     policy = make_policy(ts.env, cfg)
-    params = policy_params(ts)
+    params = _acting_params(ts)
 
     def step(carry: tuple, xs: tuple) -> tuple[tuple, tuple]:
         env_state, policy_carry, is_first = carry
@@ -497,9 +508,11 @@ def update(
     critic_params = optax.apply_updates(params["critic"], updates)
     slow = optax.incremental_update(critic_params, params["slow_critic"], cfg.slow_critic_rate)
 
-    params = {"world_model": wm_params, "actor": actor_params, "critic": critic_params, "slow_critic": slow}
+    new_params = {"world_model": wm_params, "actor": actor_params, "critic": critic_params, "slow_critic": slow}
+    if cfg.actor_ema_rate > 0:  # the evaluated actor: an average over the last ~1/rate updates
+        new_params["actor_ema"] = optax.incremental_update(actor_params, params["actor_ema"], cfg.actor_ema_rate)
     opt_state = {"world_model": wm_opt, "actor": actor_opt, "critic": critic_opt}
-    return params, opt_state, norm, {**wm_metrics, **actor_metrics, **critic_metrics}
+    return new_params, opt_state, norm, {**wm_metrics, **actor_metrics, **critic_metrics}
 
 
 def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any], behavior.ReturnNorm, dict]:
