@@ -22,6 +22,15 @@ their names say (``scripts/bench_dreamer.py`` prints the counts). A run resumed 
 ``agent.size`` is refused by the host before any array is read, because ``agent.*`` must match the
 checkpoint's saved config (``lunarl.run.checkpoint.config_differences``).
 
+The evaluated actor (``actor_ema_rate``, 0 = off). With a rate ``r > 0`` the TrainState also
+holds an exponential moving average of the actor's parameters, moved after every update
+(``ema += r (actor - ema)``: an average over the last ~``1/r`` updates, as the slow critic is for
+the critic). Collection and imagination use the live actor, so training is the same to the bit;
+``policy_params`` (the in-loop and final evaluations, the best checkpoint, videos, exports) hands
+out the average. Why: on the car the live actor's held-out laps swing by tens of points between
+checkpoints 2,560 env steps apart; its average over ~250 updates held its peaks longer and passed
+90% on more seeds than the live actor of the same runs (scripts/results/dreamer.md, session 14).
+
 Replay rows (``Step``) keep both the observation acted on and the one the step produced before
 the auto-reset (``info["final_obs"]``), so terminal outcomes (crash penalty, lap bonus) are
 learned and a time limit is not taught as a termination; see ``world_model``.
