@@ -129,6 +129,25 @@ def test_two_hot_round_trip_and_symlog():
     assert float(th.decode(jnp.zeros(255))) == 0.0
 
 
+def test_twohot_limit_narrows_the_bins_of_the_reward_head_and_critic():
+    """``agent.twohot_limit`` sets the symlog span of the bins the agent's nets decode with: a
+    narrower span puts the car's per-step rewards (-0.01..0.04) on different bins."""
+    env = lunarl.envs.make("car_track")
+    narrow = dreamer.nets(env, dreamer.DreamerConfig.build(twohot_limit=5.0)).twohot
+    assert (narrow.low, narrow.high, narrow.num_bins) == (-5.0, 5.0, 255)
+    assert dreamer.nets(env, dreamer.DreamerConfig.build()).twohot.high == 20.0
+    small = jnp.array([-0.01, 0.03])
+    w = narrow.encode(small)
+    np.testing.assert_allclose(narrow.decode_weights(w), small, rtol=1e-4)
+    # Bin width 0.157 at 20: both targets put >= 80% on the bin at 0 (L1 apart 0.38); width 0.039
+    # at 5: L1 apart 1.5, so the cross-entropy tells driving from standing still far more sharply.
+    wide = TwoHot().encode(small)
+    assert float(jnp.abs(wide[0] - wide[1]).sum()) == pytest.approx(0.38, abs=0.01)
+    assert float(jnp.abs(w[0] - w[1]).sum()) == pytest.approx(1.5, abs=0.01)
+    with pytest.raises(ValueError, match="twohot_limit"):
+        dreamer.DreamerConfig.build(twohot_limit=0.0)
+
+
 def test_lambda_returns_match_a_python_loop():
     rng = np.random.default_rng(1)
     h, n, gamma, lam = 5, 3, 0.9, 0.8

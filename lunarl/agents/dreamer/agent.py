@@ -133,6 +133,7 @@ class DreamerConfig(AgentConfig):
     free_nats: float = bounded(1.0, 0.0, None)
     unimix: float = bounded(0.01, 0.0, 1.0)
     num_bins: int = bounded(255, 3, None)
+    twohot_limit: float = bounded(20.0, 0.1, None, "reward and critic bins span symlog [-limit, limit] (DreamerV3: 20)")
     actor_grad: str = "backprop"
     actor_reinforce_share: float = bounded(0.9, 0.0, 1.0, "REINFORCE's weight in the actor objective with actor_grad=mix")
     actor_entropy: float = bounded(3e-4, 0.0, None)
@@ -260,7 +261,7 @@ def nets(env: LunarEnv, cfg: DreamerConfig) -> Nets:
             env.action_size, d.layers, d.units, cfg.actor_min_std, cfg.actor_max_std, cfg.actor_out_scale
         ),
         critic=behavior.CriticNet(d.layers, d.units, cfg.num_bins),
-        twohot=TwoHot(cfg.num_bins),
+        twohot=TwoHot(cfg.num_bins, -cfg.twohot_limit, cfg.twohot_limit),
     )
 
 
