@@ -1,7 +1,7 @@
 """Evaluate a trained car_track run on held-out tracks: explicit track seeds training never used.
 
     python scripts/eval_unseen_tracks.py RUN_DIR [--checkpoint best|latest|ITER]
-        [--episodes 1000] [--first-track-seed 1000000] [--out FILE.json]
+        [--episodes 1000] [--first-track-seed 1000000] [--out FILE.json] [--live-actor]
 
 What "unseen" means here. With ``env.track_seed=None`` (how car_track trains) ``CarTrack.reset(rng)``
 draws the track from ``rng`` itself, so ``reset(PRNGKey(s))`` drives exactly the track that
@@ -16,6 +16,10 @@ Each track is driven once, deterministically (policy mean), for at most the agen
 ``episode_length`` steps with no auto-reset (``lunarl.run.evaluation.rollout`` with these reset
 keys); success = a lap completed. Prints and writes the summary
 (``lunarl.run.evaluation.summarize``) per training seed.
+
+``--live-actor``: a Dreamer run with ``agent.actor_ema_rate > 0`` is evaluated with the average of
+its actor (what ``policy_params`` returns); this drives the live actor of the same checkpoint
+instead, with the same world model, so the two can be compared on the same training.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=1000, help="held-out tracks (one episode each)")
     parser.add_argument("--first-track-seed", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: RUN_DIR/eval-unseen-*.json)")
+    parser.add_argument("--live-actor", action="store_true", help="Dreamer with an actor EMA: drive the live actor")
     args = parser.parse_args(argv)
 
     saved = restore_run(checkpoint_dir_of(args.run_dir), args.checkpoint)
@@ -70,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     check_keys_are_track_seeds(env, args.first_track_seed)
     policy = agent.make_policy(env, plan.agent_config)
     params = jax.vmap(agent.policy_params)(saved.state)  # leading seed axis
+    if args.live_actor:
+        if "actor_ema" not in saved.state.params:
+            print(f"eval_unseen_tracks: --live-actor needs a Dreamer run with agent.actor_ema_rate > 0 ({args.run_dir})", file=sys.stderr)
+            return 1
+        params = {**params, "actor": saved.state.params["actor"]}
     keys = track_keys(args.first_track_seed, args.episodes)
     # The act key is unused by the deterministic policy; the reset keys pick the tracks.
     drive = lambda p: rollout(  # noqa: E731
@@ -85,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         "global_step": meta["global_step"],
         "track_seeds": [args.first_track_seed, args.first_track_seed + args.episodes - 1],
         "deterministic": True,
+        "actor": "live" if args.live_actor else "evaluated",
         "per_seed": per_seed,
         "all_seeds": {k: v.item() for k, v in summarize({k: np.ravel(v) for k, v in result.items()}).items()},
     }
