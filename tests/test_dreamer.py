@@ -701,6 +701,39 @@ def test_actor_ema_is_the_evaluated_policy_and_changes_no_training_step(env, col
         dreamer.DreamerConfig.build(actor_ema_rate=1.5)
 
 
+def test_collect_noise_corr_correlates_the_exploration_noise_over_steps_and_restarts_it(env):
+    """With ``collect_noise_corr = rho`` the collecting policy's Gaussian noise follows
+    ``z_t = rho z_{t-1} + sqrt(1 - rho^2) eps_t`` (unit variance every step, lag-1 correlation
+    rho), restarts independently where ``is_first`` marks a new episode, and the action is
+    ``clip(mean + std z)``; at 0 the carry has no noise and the policy is the old one."""
+    rho, n, steps = 0.9, 256, 64
+    cfg = dreamer.DreamerConfig.build(num_envs=n, collect_noise_corr=rho)
+    policy = dreamer.make_policy(env, cfg)
+    params = dreamer.policy_params(dreamer.init(jax.random.PRNGKey(0), env, cfg))
+    obs = jax.vmap(env.reset)(jax.random.split(jax.random.PRNGKey(1), n)).obs
+    restart = jnp.zeros((steps, n), bool).at[0].set(True).at[steps // 2, : n // 2].set(True)
+
+    def step(carry, xs):
+        first, key = xs
+        action, carry = policy.act(params, obs, carry, first, key, False)
+        return carry, (carry["noise"], action)
+
+    _, (noise, action) = jax.jit(lambda: jax.lax.scan(step, policy.initial_carry(n), (restart, jax.random.split(jax.random.PRNGKey(2), steps))))()
+    z = np.asarray(noise)
+    assert z.shape == (steps, n, env.action_size)
+    assert np.std(z) == pytest.approx(1.0, abs=0.05)
+    lag1 = np.corrcoef(z[1:].ravel(), z[:-1].ravel())[0, 1]
+    assert lag1 == pytest.approx(rho, abs=0.03)
+    half = steps // 2  # the first half of the envs restarted there: independent of the step before
+    assert abs(np.corrcoef(z[half, : n // 2].ravel(), z[half - 1, : n // 2].ravel())[0, 1]) < 0.15
+    assert np.corrcoef(z[half, n // 2 :].ravel(), z[half - 1, n // 2 :].ravel())[0, 1] > 0.8
+    assert np.all(np.abs(np.asarray(action)) <= 1.0) and np.mean(np.abs(np.asarray(action)) == 1.0) > 0.05
+    plain = dreamer.DreamerConfig.build(num_envs=n)
+    assert "noise" not in dreamer.make_policy(env, plain).initial_carry(n)
+    with pytest.raises(ValueError, match="collect_noise_corr"):
+        dreamer.DreamerConfig.build(collect_noise_corr=1.0)
+
+
 # --------------------------------------------------------------------------------------------
 # Learning the task (slow)
 # --------------------------------------------------------------------------------------------

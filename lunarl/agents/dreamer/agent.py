@@ -140,6 +140,9 @@ class DreamerConfig(AgentConfig):
     actor_min_std: float = bounded(0.1, 1e-4, None)
     actor_max_std: float = bounded(1.0, 1e-4, None)
     actor_out_scale: float = bounded(1.0, 0.0, None, "init variance scale of the actor's output layer (DreamerV3: 0.01)")
+    collect_noise_corr: float = bounded(
+        0.0, 0.0, 0.999, "AR(1) coefficient of the collecting policy's Gaussian noise over steps (0 = independent)"
+    )
     slow_critic_rate: float = bounded(0.02, 0.0, 1.0)
     actor_ema_rate: float = bounded(
         0.0, 0.0, 1.0, "EMA rate per update of the actor that evaluation uses (0 = the live actor)"
@@ -334,11 +337,14 @@ def init(rng: jax.Array, env: LunarEnv, cfg: DreamerConfig) -> TrainState:
 def _initial_carry(env: LunarEnv, cfg: DreamerConfig, batch_size: int) -> dict[str, jax.Array]:
     """The reset carry: zero latent and zero previous action (what ``observe`` restarts from)."""
     d = cfg.dims
-    return {
+    carry = {
         "deter": jnp.zeros((batch_size, d.deter), jnp.float32),
         "stoch": jnp.zeros((batch_size, d.stoch_size), jnp.float32),
         "action": jnp.zeros((batch_size, env.action_size), jnp.float32),
     }
+    if cfg.collect_noise_corr > 0:
+        carry["noise"] = jnp.zeros((batch_size, env.action_size), jnp.float32)
+    return carry
 
 
 def policy_params(ts: TrainState) -> dict[str, Any]:
@@ -359,7 +365,7 @@ def make_policy(env: LunarEnv, cfg: DreamerConfig) -> Policy:
     trained on sampled latents), from ``rng``, so evaluation is reproducible.
     """
     n = nets(env, cfg)
-    wm, classes = n.world_model, cfg.dims.classes
+    wm, classes, rho = n.world_model, cfg.dims.classes, cfg.collect_noise_corr
 
     def act(params: dict[str, Any], obs: jax.Array, carry: dict[str, jax.Array], is_first: jax.Array,
             rng: jax.Array, deterministic: Any = True) -> tuple[jax.Array, dict[str, jax.Array]]:  # fmt: skip
@@ -371,9 +377,18 @@ def make_policy(env: LunarEnv, cfg: DreamerConfig) -> Policy:
         post = wm.apply(wp, deter, wm.apply(wp, obs, method=WorldModelNet.embed), method=WorldModelNet.posterior)
         stoch = jax.lax.stop_gradient(sample_stoch(k_stoch, unimix_logits(post, classes, cfg.unimix)))
         mean, std = n.actor.apply(params["actor"], Latent(deter, stoch).feat)
-        sampled, _ = behavior.sample_action(k_action, mean, std)
+        new_carry = {"deter": deter, "stoch": stoch}
+        if rho > 0:
+            # The same Gaussian per step, correlated over steps: z_t = rho z_{t-1} + sqrt(1 - rho^2) eps,
+            # stationary (a fresh episode starts from eps), so each step's action keeps its law.
+            eps = jax.random.normal(k_action, mean.shape)
+            noise = jnp.where(is_first[:, None], eps, rho * carry["noise"] + jnp.sqrt(1.0 - rho**2) * eps)
+            sampled = jnp.clip(mean + std * noise, -1.0, 1.0)
+            new_carry["noise"] = noise
+        else:
+            sampled, _ = behavior.sample_action(k_action, mean, std)
         action = jnp.where(deterministic, mean, sampled)
-        return action, {"deter": deter, "stoch": stoch, "action": action}
+        return action, {**new_carry, "action": action}
 
     return Policy(initial_carry=lambda batch_size: _initial_carry(env, cfg, batch_size), act=act)
 
