@@ -704,8 +704,8 @@ def test_actor_ema_is_the_evaluated_policy_and_changes_no_training_step(env, col
 def test_collect_noise_corr_correlates_the_exploration_noise_over_steps_and_restarts_it(env):
     """With ``collect_noise_corr = rho`` the collecting policy's Gaussian noise follows
     ``z_t = rho z_{t-1} + sqrt(1 - rho^2) eps_t`` (unit variance every step, lag-1 correlation
-    rho), restarts independently where ``is_first`` marks a new episode, and the action is
-    ``clip(mean + std z)``; at 0 the carry has no noise and the policy is the old one."""
+    rho), restarts independently where ``is_first`` marks a new episode, and acts exactly as the
+    independent policy does on a fresh draw; at 0 the carry has no noise."""
     rho, n, steps = 0.9, 256, 64
     cfg = dreamer.DreamerConfig.build(num_envs=n, collect_noise_corr=rho)
     policy = dreamer.make_policy(env, cfg)
@@ -729,7 +729,12 @@ def test_collect_noise_corr_correlates_the_exploration_noise_over_steps_and_rest
     assert np.corrcoef(z[half, n // 2 :].ravel(), z[half - 1, n // 2 :].ravel())[0, 1] > 0.8
     assert np.all(np.abs(np.asarray(action)) <= 1.0) and np.mean(np.abs(np.asarray(action)) == 1.0) > 0.05
     plain = dreamer.DreamerConfig.build(num_envs=n)
-    assert "noise" not in dreamer.make_policy(env, plain).initial_carry(n)
+    plain_policy = dreamer.make_policy(env, plain)
+    assert "noise" not in plain_policy.initial_carry(n)
+    # Where every episode starts the noise is a fresh draw: the same action as the independent
+    # policy's (the same parameters: the noise setting does not touch init) from the same key.
+    first_action, _ = jax.jit(plain_policy.act)(params, obs, plain_policy.initial_carry(n), restart[0], jax.random.split(jax.random.PRNGKey(2), steps)[0], False)
+    np.testing.assert_array_equal(np.asarray(action[0]), np.asarray(first_action))
     with pytest.raises(ValueError, match="collect_noise_corr"):
         dreamer.DreamerConfig.build(collect_noise_corr=1.0)
 

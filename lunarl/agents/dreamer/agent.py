@@ -378,15 +378,13 @@ def make_policy(env: LunarEnv, cfg: DreamerConfig) -> Policy:
         stoch = jax.lax.stop_gradient(sample_stoch(k_stoch, unimix_logits(post, classes, cfg.unimix)))
         mean, std = n.actor.apply(params["actor"], Latent(deter, stoch).feat)
         new_carry = {"deter": deter, "stoch": stoch}
+        noise = jax.random.normal(k_action, mean.shape)
         if rho > 0:
             # The same Gaussian per step, correlated over steps: z_t = rho z_{t-1} + sqrt(1 - rho^2) eps,
             # stationary (a fresh episode starts from eps), so each step's action keeps its law.
-            eps = jax.random.normal(k_action, mean.shape)
-            noise = jnp.where(is_first[:, None], eps, rho * carry["noise"] + jnp.sqrt(1.0 - rho**2) * eps)
-            sampled = jnp.clip(mean + std * noise, -1.0, 1.0)
+            noise = jnp.where(is_first[:, None], noise, rho * carry["noise"] + jnp.sqrt(1.0 - rho**2) * noise)
             new_carry["noise"] = noise
-        else:
-            sampled, _ = behavior.sample_action(k_action, mean, std)
+        sampled, _ = behavior.sample_action(k_action, mean, std, noise)
         action = jnp.where(deterministic, mean, sampled)
         return action, {**new_carry, "action": action}
 

@@ -126,9 +126,12 @@ def gaussian_log_prob(x: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Arra
     return jnp.sum(-0.5 * jnp.square(z) - jnp.log(std) - 0.5 * jnp.log(2.0 * jnp.pi), axis=-1)
 
 
-def sample_action(rng: jax.Array, mean: jax.Array, std: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(action clipped to [-1, 1] with a straight-through gradient, the raw Gaussian sample)."""
-    raw = mean + std * jax.random.normal(rng, mean.shape)
+def sample_action(
+    rng: jax.Array, mean: jax.Array, std: jax.Array, noise: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """(action clipped to [-1, 1] with a straight-through gradient, the raw Gaussian sample);
+    ``noise``: the standard-normal draw to use instead of one from ``rng``."""
+    raw = mean + std * (jax.random.normal(rng, mean.shape) if noise is None else noise)
     clipped = jnp.clip(raw, -1.0, 1.0) + (raw - jax.lax.stop_gradient(raw))  # forward: exactly the clip
     return clipped, raw
 
