@@ -739,6 +739,32 @@ def test_collect_noise_corr_correlates_the_exploration_noise_over_steps_and_rest
         dreamer.DreamerConfig.build(collect_noise_corr=1.0)
 
 
+def test_prefill_hold_keeps_each_uniform_prefill_action_for_hold_steps_on_average(env):
+    """With ``prefill_hold = h`` each env keeps its previous prefill action with probability
+    1 - 1/h (a fresh uniform draw otherwise, and always on an episode's first step), so every
+    action is still uniform in [-1, 1]; at 1 no action repeats."""
+    hold, n, steps = 8.0, 64, 64
+    actions = {}
+    for h in (1.0, hold):
+        cfg = dreamer.DreamerConfig.build(
+            num_envs=n, episode_length=40, unroll_length=steps, buffer_size=n * steps, prefill=10**9, prefill_hold=h
+        )
+        ts = fast_jit(dreamer.init, static_argnums=(1, 2))(jax.random.PRNGKey(0), env, cfg)
+        _, _, _, rows, _ = fast_jit(dreamer.collect)(ts, jax.random.PRNGKey(1))
+        actions[h] = (np.asarray(rows.action), np.asarray(rows.is_first[1:]) > 0)
+    action, first = actions[hold]
+    assert action.shape == (steps, n, env.action_size) and first.any()  # episodes of 40 steps restart
+    assert np.all(np.abs(action) <= 1.0)
+    assert np.mean(action) == pytest.approx(0.0, abs=0.1) and np.var(action) == pytest.approx(1 / 3, abs=0.05)
+    repeated = np.all(action[1:] == action[:-1], axis=-1)
+    assert np.mean(repeated[~first]) == pytest.approx(1 - 1 / hold, abs=0.03)
+    assert not repeated[first].any()  # a new episode starts from a fresh draw
+    plain, _ = actions[1.0]
+    assert not np.any(np.all(plain[1:] == plain[:-1], axis=-1))
+    with pytest.raises(ValueError, match="prefill_hold"):
+        dreamer.DreamerConfig.build(prefill_hold=0.5)
+
+
 # --------------------------------------------------------------------------------------------
 # Learning the task (slow)
 # --------------------------------------------------------------------------------------------

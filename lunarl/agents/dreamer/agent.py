@@ -9,8 +9,9 @@ the actor on the latent); the steps are appended to the on-device replay
 freshly sampled sequences of ``seq_len`` steps (uniform, or a ``terminal_fraction`` of them
 drawn around terminal steps: ``terminal_replay``): world model, then actor and critic on
 imagination from every posterior latent of the batch, then the slow critic. Until
-``prefill`` env steps have been taken the actions are uniform in [-1, 1] and the updates are
-skipped with ``lax.cond``, so the program is the same from the first iteration to the last.
+``prefill`` env steps have been taken the actions are uniform in [-1, 1] (each held for
+``prefill_hold`` steps on average) and the updates are skipped with ``lax.cond``, so the
+program is the same from the first iteration to the last.
 
 ``updates_per_iteration = train_ratio * env_steps_per_iteration / (batch_size * seq_len)``:
 ``train_ratio`` is DreamerV3's replayed steps per env step.
@@ -112,6 +113,9 @@ class DreamerConfig(AgentConfig):
     seq_len: int = bounded(32, 2, None, "steps per sequence")
     buffer_size: int = bounded(1_000_000, 1, None, "replay capacity in env steps (all envs)")
     prefill: int = bounded(2_500, 0, None, "env steps of uniform actions before any update")
+    prefill_hold: float = bounded(
+        1.0, 1.0, None, "mean steps each prefill action is held (1 = a fresh uniform action every step)"
+    )
     terminal_fraction: float = bounded(0.0, 0.0, 1.0, "share of each batch's windows drawn around a terminal step")
     terminal_recent: int = bounded(0, 0, None, "env steps (all envs) whose terminal steps those windows draw from (0 = all)")
     horizon: int = bounded(15, 1, None, "imagination steps")
@@ -411,8 +415,15 @@ def collect(ts: TrainState, rng: jax.Array) -> tuple[State, dict[str, jax.Array]
         env_state, policy_carry, is_first = carry
         t, key = xs
         k_act, k_uniform = jax.random.split(key)
+        previous_action = policy_carry["action"]
         action, policy_carry = policy.act(params, env_state.obs, policy_carry, is_first, k_act, False)
         uniform = jax.random.uniform(k_uniform, action.shape, minval=-1.0, maxval=1.0)
+        if cfg.prefill_hold > 1:
+            # Sticky prefill actions: each env keeps its previous action with probability
+            # 1 - 1/hold (held for `hold` steps on average), a fresh draw on an episode's first
+            # step. Uniform per step either way, but held long enough to build speed.
+            keep = jax.random.uniform(jax.random.fold_in(k_uniform, 1), is_first.shape) >= 1.0 / cfg.prefill_hold
+            uniform = jnp.where((keep & ~is_first)[:, None], previous_action, uniform)
         action = jnp.where(ts.env_steps + t * cfg.num_envs < cfg.prefill, uniform, action)
         policy_carry = {**policy_carry, "action": action}  # the carry holds the action taken
         nxt = env.step(env_state, action)
