@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -562,6 +563,37 @@ def test_resume_with_another_model_size_is_refused(resumed, dreamer_env):
     err = proc.stderr + proc.stdout
     assert "agent.size: 'tiny' (checkpoint) vs '1m' (now)" in err, err[-3000:]
     assert "refusing to load it" in err and "Traceback" not in err
+
+
+def test_crash_foresight_script_reads_the_episodes_eval_unseen_tracks_drives(uninterrupted, tmp_path, capsys):
+    """``scripts/car_crash_foresight.py`` drives the same held-out tracks as
+    ``eval_unseen_tracks.py`` with the same policy: its lap share and mean length are that
+    script's success rate and length; every episode has exactly one outcome, and the world
+    model's P(terminal) reads are probabilities; bad lookaheads get one-line errors."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import car_crash_foresight
+    import eval_unseen_tracks
+
+    run = str(uninterrupted)
+    out, evaluated = tmp_path / "foresight.json", tmp_path / "unseen.json"
+    assert car_crash_foresight.main([run, "--checkpoint", "latest", "--episodes", "16", "--lookahead", "0,5", "--out", str(out)]) == 0
+    assert eval_unseen_tracks.main([run, "--checkpoint", "latest", "--episodes", "16", "--out", str(evaluated)]) == 0
+    (row,), (reference,) = json.loads(out.read_text())["per_seed"], json.loads(evaluated.read_text())["per_seed"]
+    assert sum(row[f"share_{o}"] for o in car_crash_foresight.OUTCOMES) == pytest.approx(1.0)
+    assert row["share_lap"] == pytest.approx(reference["success_rate"])
+    assert row["length"] == pytest.approx(reference["episode_length"])
+    assert [f["lookahead"] for f in row["foresight"]] == [0, 5]
+    for read in row["foresight"]:
+        assert read["obstacle_hits"] <= round(16 * row["share_obstacle"])
+        for key in car_crash_foresight.READS:
+            assert (read[key] is None) == (read["obstacle_hits"] == 0), key
+            if read[key] is not None:
+                assert (0 <= read[key] <= 1) if key.startswith("p_") else np.isfinite(read[key]), key
+    capsys.readouterr()
+    assert car_crash_foresight.main([run, "--checkpoint", "latest", "--lookahead", "0,39"]) == 1
+    assert "--lookahead='0,39' needs episodes longer than 40 steps" in capsys.readouterr().err
+    assert car_crash_foresight.main([run, "--lookahead", "-3"]) == 1
+    assert "must be non-negative integers" in capsys.readouterr().err
 
 
 def test_config_rejects_bad_values():
