@@ -11,11 +11,14 @@ deterministically, as ``eval_unseen_tracks`` drives it. Per training seed this p
 * the world model's foresight of the obstacle hits: for every episode that ends on an obstacle at
   step ``c``, the posterior is filtered over the real observations up to step ``c - k``, the real
   actions ``c - k .. c`` are imagined forward open-loop through the prior, and the continue head
-  gives P(terminal) at ``c``. The control is the same read at a mid-episode step that did not end
-  the episode. The predicted reward is read the same way (the hit's real reward is
-  ``-crash_penalty`` plus that step's progress). A policy can only steer around an obstacle if the model sees the hit coming early
-  enough to turn away: at the default car's top speed (turning radius 50) a sideways move of
-  obstacle plus car radius (12) takes ~7 steps of full steering.
+  gives P(terminal) at ``c`` (the reward head, the predicted reward there: the real one is
+  ``-crash_penalty`` plus that step's progress). The control is the same read at a mid-episode
+  step that did not end the episode.
+* the escape the model sees: the lower P(terminal) of the same window with the steering set to
+  full left or full right throughout (the real throttle). Where it is no lower than the real
+  actions', imagination gives the actor no gradient away from the hit. At the default car's top
+  speed (turning radius 50) a sideways move of obstacle plus car radius (12) takes ~7 steps of
+  full steering, so ``k`` of about 6-10 is where an escape exists.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_unseen_tracks import track_keys  # noqa: E402
 
 OUTCOMES = ("lap", "off_track", "obstacle", "time_limit")
-READS = ("p_terminal_at_hit", "p_terminal_control", "reward_at_hit", "reward_control")
+READS = ("p_terminal_at_hit", "p_terminal_swerve", "p_terminal_control", "reward_at_hit", "reward_control")
 
 
 def drive_and_read(env, cfg, params, keys: jax.Array, lookahead: tuple[int, ...]) -> dict[str, jax.Array]:
@@ -79,12 +82,14 @@ def drive_and_read(env, cfg, params, keys: jax.Array, lookahead: tuple[int, ...]
     latent = observe(net, wp, rows, jax.random.PRNGKey(1), cfg.unimix).latent  # [T, E]: of next_obs[t]
     episodes = jnp.arange(n)
 
-    def imagined_outcome(at: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    def imagined_outcome(at: jax.Array, k: int, steering: float | None = None) -> tuple[jax.Array, jax.Array]:
         begin = jnp.maximum(at - k, 1)
         first = jax.tree.map(lambda x: x[begin - 1, episodes], latent)  # the latent of obs[begin]
         window = jax.vmap(lambda e, b: jax.lax.dynamic_slice(action[:, e], (b, 0), (k + 1, action.shape[-1])))(
             episodes, jnp.minimum(begin, length - k - 1)
         )
+        if steering is not None:  # the real throttle, full steering from the window's start
+            window = window.at[..., 0].set(steering)
         imagined = rollout_prior(net, wp, first, jnp.swapaxes(window, 0, 1), jax.random.PRNGKey(2), cfg.unimix)
         reward, cont = net.apply(wp, imagined.feat[-1], method=WorldModelNet.reward_and_cont)
         return 1.0 - jax.nn.sigmoid(cont), nets.twohot.decode(reward)
@@ -92,6 +97,9 @@ def drive_and_read(env, cfg, params, keys: jax.Array, lookahead: tuple[int, ...]
     lap_end, off_end, hit_end = ended(lap), ended(off), ended(hit)
     at_hit = jax.tree.map(lambda *x: jnp.stack(x), *[imagined_outcome(last, k) for k in lookahead])
     at_control = jax.tree.map(lambda *x: jnp.stack(x), *[imagined_outcome(control, k) for k in lookahead])
+    # The escape the model sees: the lower P(terminal) of swerving left or right instead.
+    swerve = jnp.stack([jnp.minimum(imagined_outcome(last, k, -1.0)[0], imagined_outcome(last, k, 1.0)[0])
+                        for k in lookahead])  # fmt: skip
     return {
         "lap": lap_end,
         "off_track": off_end & ~lap_end,
@@ -104,6 +112,7 @@ def drive_and_read(env, cfg, params, keys: jax.Array, lookahead: tuple[int, ...]
         "readable": jnp.stack([last >= k + 1 for k in lookahead]),
         **dict(zip(("p_terminal_at_hit", "reward_at_hit"), at_hit, strict=True)),
         **dict(zip(("p_terminal_control", "reward_control"), at_control, strict=True)),
+        "p_terminal_swerve": swerve,
     }
 
 
@@ -172,11 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         ends = ", ".join(f"{o} {row['share_' + o]:.0%}" for o in OUTCOMES)
         print(f"seed {i} @ {meta['global_step']:,} env steps, {args.episodes} tracks: {ends}; length "
               f"{row['length']:.0f}, speed {row['speed']:.2f}, |steering| {row['abs_steering']:.2f}")  # fmt: skip
-        for name, key in (("P(terminal)", "p_terminal"), ("reward", "reward")):
-            reads = "; ".join(f"{f['lookahead']}: {fmt(f[key + '_at_hit'])} ({fmt(f[key + '_control'])})"
-                              for f in row["foresight"])  # fmt: skip
-            print(f"    {name} at the {row['foresight'][0]['obstacle_hits']} obstacle hits (at the control steps), "
-                  f"imagined from k steps before, k = {reads}")  # fmt: skip
+        hits = row["foresight"][0]["obstacle_hits"]
+        print(f"    at its {hits} obstacle hits, imagined from k steps before: P(terminal) [swerving] (control "
+              "steps), reward (control steps)")  # fmt: skip
+        for f in row["foresight"]:
+            print(f"      k = {f['lookahead']:2d}: {fmt(f['p_terminal_at_hit'])} [{fmt(f['p_terminal_swerve'])}] "
+                  f"({fmt(f['p_terminal_control'])}), {fmt(f['reward_at_hit'])} ({fmt(f['reward_control'])})")
     print(f"saved {out}")
     return 0
 
