@@ -201,6 +201,10 @@ def test_outage_keeps_saving_locally_and_uploads_once_the_server_is_back(s3, tmp
     try:
         ckpts.save(2, _state(2), CONFIG, {"iteration": 2})
         ckpts.save_best(2, _state(2), CONFIG, {"iteration": 2}, score=1.0)
+        # The healthy first upload can outlast the 2 s upload_timeout (short for the outage below)
+        # on a loaded machine (it did once in a fresh-clone run): let it land, then wait() must pass.
+        _wait_for(lambda: _remote(prefix, "latest") == {2: True} and _remote(prefix, "best") == {2: True},
+                  what="the first upload")  # fmt: skip
         ckpts.wait()
         _assert_mirrored(prefix, staging, "latest", [2])
         _assert_mirrored(prefix, staging, "best", [2])
