@@ -19,6 +19,12 @@ deterministically, as ``eval_unseen_tracks`` drives it. Per training seed this p
   actions', imagination gives the actor no gradient away from the hit. At the default car's top
   speed (turning radius 50) a sideways move of obstacle plus car radius (12) takes ~7 steps of
   full steering, so ``k`` of about 6-10 is where an escape exists.
+* whether the actor's own objective prefers the escape: from the latent ``--escape-lookahead``
+  steps before each hit, the imagined lambda-return (the agent's horizon, the model's rewards and
+  continues, the critic's bootstrap; 16 samples) of the actor's own plan against full left or
+  right steering for the first 8 steps (the actor's throttle, then the actor). The share of hits
+  where a swerve scores higher, against the same share at the control steps: well above the
+  control means the actor has not learned what its own imagination rewards there.
 """
 
 from __future__ import annotations
@@ -34,17 +40,29 @@ import numpy as np
 
 import lunarl
 from lunarl.agents.dreamer import agent as dreamer
-from lunarl.agents.dreamer.world_model import WorldModelNet, observe, rollout_prior
+from lunarl.agents.dreamer import behavior
+from lunarl.agents.dreamer.world_model import (
+    Latent,
+    WorldModelNet,
+    observe,
+    rollout_prior,
+    sample_stoch,
+    unimix_logits,
+)
 from lunarl.run.restore import checkpoint_dir_of, restore_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from eval_unseen_tracks import track_keys  # noqa: E402
 
 OUTCOMES = ("lap", "off_track", "obstacle", "time_limit")
+ESCAPE_READS = ("swerve_better_at_hit", "swerve_better_control")
+SWERVE_STEPS, ESCAPE_SAMPLES = 8, 16
 READS = ("p_terminal_at_hit", "p_terminal_swerve", "p_terminal_control", "reward_at_hit", "reward_control")
 
 
-def drive_and_read(env, cfg, params, keys: jax.Array, lookahead: tuple[int, ...]) -> dict[str, jax.Array]:
+def drive_and_read(
+    env, cfg, params, critic_params, keys: jax.Array, lookahead: tuple[int, ...], escape_k: int
+) -> dict[str, jax.Array]:
     """One seed's held-out episodes ([E] each, [K, E] for the P(terminal) reads)."""
     policy = dreamer.make_policy(env, cfg)
     nets = dreamer.nets(env, cfg)
@@ -94,6 +112,37 @@ def drive_and_read(env, cfg, params, keys: jax.Array, lookahead: tuple[int, ...]
         reward, cont = net.apply(wp, imagined.feat[-1], method=WorldModelNet.reward_and_cont)
         return 1.0 - jax.nn.sigmoid(cont), nets.twohot.decode(reward)
 
+    def imagined_return(at: jax.Array, steering: float | None) -> jax.Array:
+        """The actor's objective from the latent ``escape_k`` steps before ``at``: the lambda-return
+        of ``cfg.horizon`` imagined steps (model rewards and continues, the critic's bootstrap),
+        acting with the actor, or with its throttle and full ``steering`` for the first
+        ``SWERVE_STEPS``; the mean over ``ESCAPE_SAMPLES`` rollouts [E]."""
+        begin = jnp.maximum(at - escape_k, 1)
+        start = jax.tree.map(lambda x: jnp.repeat(x[begin - 1, episodes], ESCAPE_SAMPLES, axis=0), latent)
+
+        def act(latent_now, xs):
+            t, key = xs
+            k_action, k_stoch = jax.random.split(key)
+            mean, std = nets.actor.apply(params["actor"], latent_now.feat)
+            chosen, _ = behavior.sample_action(k_action, mean, std)
+            if steering is not None:
+                chosen = jnp.where(t < SWERVE_STEPS, chosen.at[:, 0].set(steering), chosen)
+            deter, prior = net.apply(wp, latent_now.deter, latent_now.stoch, chosen, method=WorldModelNet.img_step)
+            stoch = sample_stoch(k_stoch, unimix_logits(prior, cfg.dims.classes, cfg.unimix))
+            return Latent(deter, stoch), latent_now.feat
+
+        horizon = jnp.arange(cfg.horizon)
+        end, feats = jax.lax.scan(act, start, (horizon, jax.random.split(jax.random.PRNGKey(3), cfg.horizon)))
+        feat = jnp.concatenate([feats, end.feat[None]], axis=0)
+        reward, cont = net.apply(wp, feat[1:], method=WorldModelNet.reward_and_cont)
+        value = nets.twohot.decode(nets.critic.apply(critic_params, feat))
+        ret = behavior.lambda_returns(nets.twohot.decode(reward), jax.nn.sigmoid(cont), value, cfg.gamma, cfg.lam)
+        return ret[0].reshape(n, ESCAPE_SAMPLES).mean(axis=1)
+
+    def swerve_scores_higher(at: jax.Array) -> jax.Array:
+        best = jnp.maximum(imagined_return(at, -1.0), imagined_return(at, 1.0))
+        return best > imagined_return(at, None)
+
     lap_end, off_end, hit_end = ended(lap), ended(off), ended(hit)
     at_hit = jax.tree.map(lambda *x: jnp.stack(x), *[imagined_outcome(last, k) for k in lookahead])
     at_control = jax.tree.map(lambda *x: jnp.stack(x), *[imagined_outcome(control, k) for k in lookahead])
@@ -113,6 +162,9 @@ def drive_and_read(env, cfg, params, keys: jax.Array, lookahead: tuple[int, ...]
         **dict(zip(("p_terminal_at_hit", "reward_at_hit"), at_hit, strict=True)),
         **dict(zip(("p_terminal_control", "reward_control"), at_control, strict=True)),
         "p_terminal_swerve": swerve,
+        "escape_readable": last >= escape_k + 1,
+        "swerve_better_at_hit": swerve_scores_higher(last),
+        "swerve_better_control": swerve_scores_higher(control),
     }
 
 
@@ -128,7 +180,10 @@ def summarise(read: dict[str, np.ndarray], lookahead: tuple[int, ...]) -> dict:
         hits = read["obstacle"] & read["readable"][i]
         foresight.append({"lookahead": k, "obstacle_hits": int(hits.sum()),
                           **{key: _mean_where(read[key][i], hits) for key in READS}})  # fmt: skip
-    return row | {"foresight": foresight}
+    hits = read["obstacle"] & read["escape_readable"]
+    escape = {"obstacle_hits": int(hits.sum())}
+    escape |= {key: _mean_where(read[key].astype(np.float32), hits) for key in ESCAPE_READS}
+    return row | {"foresight": foresight, "escape": escape}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=64, help="held-out tracks (one episode each)")
     parser.add_argument("--first-track-seed", type=int, default=1_000_000)
     parser.add_argument("--lookahead", default="0,3,6,10,15", help="steps before the hit the imagination starts")
+    parser.add_argument("--escape-lookahead", type=int, default=10, help="steps before the hit the escape read starts")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: RUN_DIR/crash-foresight-*.json)")
     args = parser.parse_args(argv)
     try:
@@ -147,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     if min(lookahead) < 0:
         print(f"car_crash_foresight: --lookahead={args.lookahead!r} must be non-negative integers", file=sys.stderr)
         return 1
+    if args.escape_lookahead < 0:
+        print(f"car_crash_foresight: --escape-lookahead={args.escape_lookahead} must be non-negative", file=sys.stderr)
+        return 1
 
     saved = restore_run(checkpoint_dir_of(args.run_dir), args.checkpoint)
     plan, env, meta = saved.plan, saved.env, saved.meta
@@ -155,15 +214,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{plan.env_name})", file=sys.stderr)  # fmt: skip
         return 1
     cfg = plan.agent_config
-    if max(lookahead) + 2 > cfg.episode_length:
-        print(f"car_crash_foresight: --lookahead={args.lookahead!r} needs episodes longer than {max(lookahead) + 1} "
-              f"steps (agent.episode_length={cfg.episode_length})", file=sys.stderr)  # fmt: skip
-        return 1
+    for flag, deepest in (("--lookahead", repr(args.lookahead)), ("--escape-lookahead", args.escape_lookahead)):
+        steps = max(lookahead) if flag == "--lookahead" else args.escape_lookahead
+        if steps + 2 > cfg.episode_length:
+            print(f"car_crash_foresight: {flag}={deepest} needs episodes longer than {steps + 1} steps "
+                  f"(agent.episode_length={cfg.episode_length})", file=sys.stderr)  # fmt: skip
+            return 1
 
     keys = track_keys(args.first_track_seed, args.episodes)
     params = jax.vmap(saved.agent.policy_params)(saved.state)  # leading seed axis
-    read = jax.jit(jax.vmap(lambda p: drive_and_read(env, cfg, p, keys, lookahead)),
-                   compiler_options=lunarl.compile_options(env))(params)  # fmt: skip
+    critic = saved.state.params["critic"]
+    read = jax.jit(jax.vmap(lambda p, c: drive_and_read(env, cfg, p, c, keys, lookahead, args.escape_lookahead)),
+                   compiler_options=lunarl.compile_options(env))(params, critic)  # fmt: skip
     read = jax.tree.map(np.asarray, jax.device_get(read))
     per_seed = [summarise(jax.tree.map(lambda x, i=i: x[i], read), lookahead) for i in range(plan.cfg.num_seeds)]
     report = {
@@ -187,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         for f in row["foresight"]:
             print(f"      k = {f['lookahead']:2d}: {fmt(f['p_terminal_at_hit'])} [{fmt(f['p_terminal_swerve'])}] "
                   f"({fmt(f['p_terminal_control'])}), {fmt(f['reward_at_hit'])} ({fmt(f['reward_control'])})")
+        e = row["escape"]
+        print(f"    a swerve scores above the actor's own plan in its imagined objective, from "
+              f"{args.escape_lookahead} steps before: at {fmt(e['swerve_better_at_hit'])} of {e['obstacle_hits']} hits "
+              f"({fmt(e['swerve_better_control'])} at the control steps)")  # fmt: skip
     print(f"saved {out}")
     return 0
 

@@ -589,11 +589,17 @@ def test_crash_foresight_script_reads_the_episodes_eval_unseen_tracks_drives(uni
             assert (read[key] is None) == (read["obstacle_hits"] == 0), key
             if read[key] is not None:
                 assert (0 <= read[key] <= 1) if key.startswith("p_") else np.isfinite(read[key]), key
+    escape = row["escape"]
+    assert escape["obstacle_hits"] <= round(16 * row["share_obstacle"])
+    for key in car_crash_foresight.ESCAPE_READS:  # shares of the hits (None without any)
+        assert (escape[key] is None) == (escape["obstacle_hits"] == 0) and (escape[key] is None or 0 <= escape[key] <= 1)
     capsys.readouterr()
     assert car_crash_foresight.main([run, "--checkpoint", "latest", "--lookahead", "0,39"]) == 1
     assert "--lookahead='0,39' needs episodes longer than 40 steps" in capsys.readouterr().err
     assert car_crash_foresight.main([run, "--lookahead", "-3"]) == 1
     assert "must be non-negative integers" in capsys.readouterr().err
+    assert car_crash_foresight.main([run, "--checkpoint", "latest", "--escape-lookahead", "45"]) == 1
+    assert "--escape-lookahead=45 needs episodes longer than 46 steps" in capsys.readouterr().err
 
 
 def test_config_rejects_bad_values():
