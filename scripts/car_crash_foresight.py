@@ -49,10 +49,9 @@ from lunarl.agents.dreamer.world_model import (
     sample_stoch,
     unimix_logits,
 )
-from lunarl.run.restore import checkpoint_dir_of, restore_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_unseen_tracks import track_keys  # noqa: E402
+from eval_unseen_tracks import add_run_arguments, restore_car_run, track_keys  # noqa: E402
 
 OUTCOMES = ("lap", "off_track", "obstacle", "time_limit")
 ESCAPE_READS = ("swerve_better_at_hit", "swerve_better_control")
@@ -188,10 +187,7 @@ def summarise(read: dict[str, np.ndarray], lookahead: tuple[int, ...]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--checkpoint", default="best", help="best | latest | an iteration number")
-    parser.add_argument("--episodes", type=int, default=64, help="held-out tracks (one episode each)")
-    parser.add_argument("--first-track-seed", type=int, default=1_000_000)
+    add_run_arguments(parser, episodes=64)
     parser.add_argument("--lookahead", default="0,3,6,10,15", help="steps before the hit the imagination starts")
     parser.add_argument("--escape-lookahead", type=int, default=10, help="steps before the hit the escape read starts")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: RUN_DIR/crash-foresight-*.json)")
@@ -207,17 +203,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"car_crash_foresight: --escape-lookahead={args.escape_lookahead} must be non-negative", file=sys.stderr)
         return 1
 
-    saved = restore_run(checkpoint_dir_of(args.run_dir), args.checkpoint)
+    saved = restore_car_run(args, "car_crash_foresight")
+    if saved is None:
+        return 1
     plan, env, meta = saved.plan, saved.env, saved.meta
-    if plan.env_name != "car_track" or plan.agent_name != "dreamer":
-        print(f"car_crash_foresight: needs a Dreamer car_track run ({args.run_dir} is {plan.agent_name} on "
-              f"{plan.env_name})", file=sys.stderr)  # fmt: skip
+    if plan.agent_name != "dreamer":
+        print(f"car_crash_foresight: needs a Dreamer run ({args.run_dir} is {plan.agent_name})", file=sys.stderr)
         return 1
     cfg = plan.agent_config
-    for flag, deepest in (("--lookahead", repr(args.lookahead)), ("--escape-lookahead", args.escape_lookahead)):
-        steps = max(lookahead) if flag == "--lookahead" else args.escape_lookahead
+    for flag, shown, steps in (("--lookahead", repr(args.lookahead), max(lookahead)),
+                               ("--escape-lookahead", args.escape_lookahead, args.escape_lookahead)):  # fmt: skip
         if steps + 2 > cfg.episode_length:
-            print(f"car_crash_foresight: {flag}={deepest} needs episodes longer than {steps + 1} steps "
+            print(f"car_crash_foresight: {flag}={shown} needs episodes longer than {steps + 1} steps "
                   f"(agent.episode_length={cfg.episode_length})", file=sys.stderr)  # fmt: skip
             return 1
 

@@ -35,8 +35,9 @@ import numpy as np
 
 import lunarl
 from lunarl.envs.base import LunarEnv
+from lunarl.run.checkpoint import CheckpointError
 from lunarl.run.evaluation import rollout, summarize
-from lunarl.run.restore import checkpoint_dir_of, restore_run
+from lunarl.run.restore import SavedRun, checkpoint_dir_of, restore_run
 
 
 def track_keys(first_track_seed: int, num_tracks: int) -> jax.Array:
@@ -56,23 +57,40 @@ def check_keys_are_track_seeds(env: LunarEnv, first_track_seed: int, count: int 
             raise AssertionError(f"reset(PRNGKey({s})) does not draw the track of track_seed={s}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_run_arguments(parser: argparse.ArgumentParser, episodes: int) -> None:
+    """The arguments every held-out-track script takes: the run, its checkpoint and the tracks."""
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--checkpoint", default="best", help="best | latest | an iteration number")
-    parser.add_argument("--episodes", type=int, default=1000, help="held-out tracks (one episode each)")
+    parser.add_argument("--episodes", type=int, default=episodes, help="held-out tracks (one episode each)")
     parser.add_argument("--first-track-seed", type=int, default=1_000_000)
+
+
+def restore_car_run(args: argparse.Namespace, script: str) -> SavedRun | None:
+    """The run's checkpoint, if it is a car_track run trained on drawn tracks whose reset keys are
+    the held-out track seeds; otherwise ``None`` after a one-line error naming the script."""
+    try:
+        saved = restore_run(checkpoint_dir_of(args.run_dir), args.checkpoint)
+    except CheckpointError as e:
+        print(f"{script}: {e}", file=sys.stderr)
+        return None
+    if saved.plan.env_name != "car_track" or saved.plan.env_config.track_seed is not None:
+        print(f"{script}: needs a car_track run trained with env.track_seed=null ({args.run_dir})", file=sys.stderr)
+        return None
+    check_keys_are_track_seeds(saved.env, args.first_track_seed)
+    return saved
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_run_arguments(parser, episodes=1000)
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: RUN_DIR/eval-unseen-*.json)")
     parser.add_argument("--live-actor", action="store_true", help="Dreamer with an actor EMA: drive the live actor")
     args = parser.parse_args(argv)
 
-    saved = restore_run(checkpoint_dir_of(args.run_dir), args.checkpoint)
-    plan, env, agent, meta = saved.plan, saved.env, saved.agent, saved.meta
-    if plan.env_name != "car_track" or plan.env_config.track_seed is not None:
-        print("eval_unseen_tracks: needs a car_track run trained with env.track_seed=null", file=sys.stderr)
+    saved = restore_car_run(args, "eval_unseen_tracks")
+    if saved is None:
         return 1
-
-    check_keys_are_track_seeds(env, args.first_track_seed)
+    plan, env, agent, meta = saved.plan, saved.env, saved.agent, saved.meta
     policy = agent.make_policy(env, plan.agent_config)
     params = jax.vmap(agent.policy_params)(saved.state)  # leading seed axis
     if args.live_actor:

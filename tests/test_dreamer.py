@@ -600,6 +600,9 @@ def test_crash_foresight_script_reads_the_episodes_eval_unseen_tracks_drives(uni
     assert "must be non-negative integers" in capsys.readouterr().err
     assert car_crash_foresight.main([run, "--checkpoint", "latest", "--escape-lookahead", "45"]) == 1
     assert "--escape-lookahead=45 needs episodes longer than 46 steps" in capsys.readouterr().err
+    assert car_crash_foresight.main([str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("car_crash_foresight: no checkpoint directory at") and err.count("\n") == 1
 
 
 def test_config_rejects_bad_values():
