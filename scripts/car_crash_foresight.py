@@ -25,6 +25,15 @@ deterministically, as ``eval_unseen_tracks`` drives it. Per training seed this p
   right steering for the first 8 steps (the actor's throttle, then the actor). The share of hits
   where a swerve scores higher, against the same share at the control steps: well above the
   control means the actor has not learned what its own imagination rewards there.
+* which way the actor's own gradient pushes there: the slope of the same objective (divided by
+  the run's return scale, as the actor loss is) in a steering offset added to the actor's sampled
+  steering for the first 8 steps (before the clip, as training samples it), through the model,
+  the critic and the actor's reaction at later steps, at offset 0. Reported: its size at hits and
+  at control steps, the share of hits (where a swerve scores higher) at which it points toward
+  the better swerve, and the imagined gain of moving the offset 0.25 along it. A slope that points
+  the wrong way or gains nothing means the objective's local gradient does not lead to the escape
+  that a full swerve finds; a slope that points to it means the actor's update is not following it.
+  ``--actor live`` reads the actor training updates instead of the evaluated one (its EMA copy).
 """
 
 from __future__ import annotations
@@ -55,14 +64,16 @@ from eval_unseen_tracks import add_run_arguments, restore_car_run, track_keys  #
 
 OUTCOMES = ("lap", "off_track", "obstacle", "time_limit")
 ESCAPE_READS = ("swerve_better_at_hit", "swerve_better_control")
-SWERVE_STEPS, ESCAPE_SAMPLES = 8, 16
+SWERVE_STEPS, ESCAPE_SAMPLES, SMALL_OFFSET, OFFSETS = 8, 16, 0.25, (0.25, 0.5, 1.0)
 READS = ("p_terminal_at_hit", "p_terminal_swerve", "p_terminal_control", "reward_at_hit", "reward_control")
 
 
 def drive_and_read(
-    env, cfg, params, critic_params, keys: jax.Array, lookahead: tuple[int, ...], escape_k: int
+    env, cfg, params, critic_params, keys: jax.Array, lookahead: tuple[int, ...], escape_k: int,
+    read_actor: dict | None = None, return_scale: jax.Array | float = 1.0,
 ) -> dict[str, jax.Array]:
-    """One seed's held-out episodes ([E] each, [K, E] for the P(terminal) reads)."""
+    """One seed's held-out episodes ([E] each, [K, E] for the P(terminal) reads). ``read_actor``:
+    the actor whose objective the escape and slope reads score (default: the driving one)."""
     policy = dreamer.make_policy(env, cfg)
     nets = dreamer.nets(env, cfg)
     net = nets.world_model
@@ -98,6 +109,7 @@ def drive_and_read(
     )  # fmt: skip
     latent = observe(net, wp, rows, jax.random.PRNGKey(1), cfg.unimix).latent  # [T, E]: of next_obs[t]
     episodes = jnp.arange(n)
+    read_actor = params["actor"] if read_actor is None else read_actor
 
     def imagined_outcome(at: jax.Array, k: int, steering: float | None = None) -> tuple[jax.Array, jax.Array]:
         begin = jnp.maximum(at - k, 1)
@@ -111,19 +123,23 @@ def drive_and_read(
         reward, cont = net.apply(wp, imagined.feat[-1], method=WorldModelNet.reward_and_cont)
         return 1.0 - jax.nn.sigmoid(cont), nets.twohot.decode(reward)
 
-    def imagined_return(at: jax.Array, steering: float | None) -> jax.Array:
+    def imagined_return(at: jax.Array, steering: float | None, offset: jax.Array | float = 0.0) -> jax.Array:
         """The actor's objective from the latent ``escape_k`` steps before ``at``: the lambda-return
         of ``cfg.horizon`` imagined steps (model rewards and continues, the critic's bootstrap),
         acting with the actor, or with its throttle and full ``steering`` for the first
-        ``SWERVE_STEPS``; the mean over ``ESCAPE_SAMPLES`` rollouts [E]."""
+        ``SWERVE_STEPS``, or with ``offset`` ([E] or a number) added to its raw steering sample
+        there; the mean over ``ESCAPE_SAMPLES`` rollouts [E]."""
+        shift = jnp.repeat(jnp.broadcast_to(offset, (n,)), ESCAPE_SAMPLES)
         begin = jnp.maximum(at - escape_k, 1)
         start = jax.tree.map(lambda x: jnp.repeat(x[begin - 1, episodes], ESCAPE_SAMPLES, axis=0), latent)
 
         def act(latent_now, xs):
             t, key = xs
             k_action, k_stoch = jax.random.split(key)
-            mean, std = nets.actor.apply(params["actor"], latent_now.feat)
-            chosen, _ = behavior.sample_action(k_action, mean, std)
+            mean, std = nets.actor.apply(read_actor, latent_now.feat)
+            noise = jax.random.normal(k_action, mean.shape)
+            noise = noise.at[:, 0].add(jnp.where(t < SWERVE_STEPS, shift, 0.0) / std[:, 0])
+            chosen, _ = behavior.sample_action(k_action, mean, std, noise)
             if steering is not None:
                 chosen = jnp.where(t < SWERVE_STEPS, chosen.at[:, 0].set(steering), chosen)
             deter, prior = net.apply(wp, latent_now.deter, latent_now.stoch, chosen, method=WorldModelNet.img_step)
@@ -142,7 +158,20 @@ def drive_and_read(
         best = jnp.maximum(imagined_return(at, -1.0), imagined_return(at, 1.0))
         return best > imagined_return(at, None)
 
+    def objective_slope(at: jax.Array) -> dict[str, jax.Array]:
+        """The normalised objective's slope in the steering offset, whether it points to the better
+        swerve, and the gain of a ``SMALL_OFFSET`` step along it (all [E])."""
+        base, slope = jax.jvp(lambda o: imagined_return(at, None, o), (jnp.zeros(n),), (jnp.ones(n),))
+        step = SMALL_OFFSET * jnp.sign(slope)
+        left, right = imagined_return(at, -1.0), imagined_return(at, 1.0)
+        side = jnp.where(right > left, 1.0, -1.0)
+        gains = {f"offset_{o}_gain": (imagined_return(at, None, o * side) - base) / return_scale for o in OFFSETS}
+        return {"slope": slope / return_scale, "toward_swerve": (slope > 0) == (right > left),
+                "small_step_gain": (imagined_return(at, None, step) - base) / return_scale,
+                "swerve_gain": (jnp.maximum(left, right) - base) / return_scale, **gains}
+
     lap_end, off_end, hit_end = ended(lap), ended(off), ended(hit)
+    slope_hit, slope_control = objective_slope(last), objective_slope(control)
     at_hit = jax.tree.map(lambda *x: jnp.stack(x), *[imagined_outcome(last, k) for k in lookahead])
     at_control = jax.tree.map(lambda *x: jnp.stack(x), *[imagined_outcome(control, k) for k in lookahead])
     # The escape the model sees: the lower P(terminal) of swerving left or right instead.
@@ -164,11 +193,17 @@ def drive_and_read(
         "escape_readable": last >= escape_k + 1,
         "swerve_better_at_hit": swerve_scores_higher(last),
         "swerve_better_control": swerve_scores_higher(control),
+        **{f"{k}_at_hit": v for k, v in slope_hit.items()},
+        **{f"{k}_control": v for k, v in slope_control.items()},
     }
 
 
 def _mean_where(values: np.ndarray, mask: np.ndarray) -> float | None:
     return float(np.mean(values[mask])) if mask.any() else None
+
+
+def _median_where(values: np.ndarray, mask: np.ndarray) -> float | None:
+    return float(np.median(values[mask])) if mask.any() else None
 
 
 def summarise(read: dict[str, np.ndarray], lookahead: tuple[int, ...]) -> dict:
@@ -182,7 +217,19 @@ def summarise(read: dict[str, np.ndarray], lookahead: tuple[int, ...]) -> dict:
     hits = read["obstacle"] & read["escape_readable"]
     escape = {"obstacle_hits": int(hits.sum())}
     escape |= {key: _mean_where(read[key].astype(np.float32), hits) for key in ESCAPE_READS}
-    return row | {"foresight": foresight, "escape": escape}
+    better = hits & read["swerve_better_at_hit"]
+    slope = {
+        "hits_swerve_better": int(better.sum()),
+        "abs_slope_at_hit": _median_where(np.abs(read["slope_at_hit"]), hits),
+        "abs_slope_control": _median_where(np.abs(read["slope_control"]), read["escape_readable"]),
+        "toward_swerve_at_hit": _mean_where(read["toward_swerve_at_hit"].astype(np.float32), better),
+        "small_step_gain_at_hit": _mean_where(read["small_step_gain_at_hit"], better),
+        "small_step_gain_control": _mean_where(read["small_step_gain_control"], read["escape_readable"]),
+        # Along the better swerve's side, at those hits: the objective against the offset's size.
+        "gain_by_offset_at_hit": {str(o): _mean_where(read[f"offset_{o}_gain_at_hit"], better) for o in OFFSETS},
+        "swerve_gain_at_hit": _mean_where(read["swerve_gain_at_hit"], better),
+    }
+    return row | {"foresight": foresight, "escape": escape, "slope": slope}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     add_run_arguments(parser, episodes=64)
     parser.add_argument("--lookahead", default="0,3,6,10,15", help="steps before the hit the imagination starts")
     parser.add_argument("--escape-lookahead", type=int, default=10, help="steps before the hit the escape read starts")
+    parser.add_argument("--actor", choices=("evaluated", "live"), default="evaluated",
+                        help="the actor whose objective the escape and slope reads score (driving: evaluated)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: RUN_DIR/crash-foresight-*.json)")
     args = parser.parse_args(argv)
     try:
@@ -221,21 +270,28 @@ def main(argv: list[str] | None = None) -> int:
     keys = track_keys(args.first_track_seed, args.episodes)
     params = jax.vmap(saved.agent.policy_params)(saved.state)  # leading seed axis
     critic = saved.state.params["critic"]
-    read = jax.jit(jax.vmap(lambda p, c: drive_and_read(env, cfg, p, c, keys, lookahead, args.escape_lookahead)),
-                   compiler_options=lunarl.compile_options(env))(params, critic)  # fmt: skip
+    read_actor = saved.state.params["actor"] if args.actor == "live" else params["actor"]
+    scale = jax.vmap(lambda norm: norm.scale(cfg.return_norm_limit))(saved.state.return_norm)
+
+    def read_seed(p, c, a, s):
+        return drive_and_read(env, cfg, p, c, keys, lookahead, args.escape_lookahead, a, s)
+
+    read = jax.jit(jax.vmap(read_seed), compiler_options=lunarl.compile_options(env))(params, critic, read_actor, scale)
     read = jax.tree.map(np.asarray, jax.device_get(read))
     per_seed = [summarise(jax.tree.map(lambda x, i=i: x[i], read), lookahead) for i in range(plan.cfg.num_seeds)]
     report = {
         "run_dir": str(args.run_dir),
         "checkpoint": args.checkpoint,
         "iteration": meta["iteration"],
+        "read_actor": args.actor,
+        "return_scale": [float(x) for x in np.asarray(scale)],
         "global_step": meta["global_step"],
         "track_seeds": [args.first_track_seed, args.first_track_seed + args.episodes - 1],
         "per_seed": per_seed,
     }
     out = args.out or args.run_dir / f"crash-foresight-{args.checkpoint}-{meta['iteration']}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    fmt = lambda v: "  -" if v is None else f"{v:.2f}"  # noqa: E731
+    fmt = lambda v: "  -" if v is None else f"{v:.3g}"  # noqa: E731
     for i, row in enumerate(per_seed):
         ends = ", ".join(f"{o} {row['share_' + o]:.0%}" for o in OUTCOMES)
         print(f"seed {i} @ {meta['global_step']:,} env steps, {args.episodes} tracks: {ends}; length "
@@ -250,6 +306,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    a swerve scores above the actor's own plan in its imagined objective, from "
               f"{args.escape_lookahead} steps before: at {fmt(e['swerve_better_at_hit'])} of {e['obstacle_hits']} hits "
               f"({fmt(e['swerve_better_control'])} at the control steps)")  # fmt: skip
+        s = row["slope"]
+        print(f"    its normalised objective's slope in steering there: median |slope| {fmt(s['abs_slope_at_hit'])} "
+              f"({fmt(s['abs_slope_control'])} at control steps); at the {s['hits_swerve_better']} hits where a "
+              f"swerve scores higher it points to that swerve at {fmt(s['toward_swerve_at_hit'])}, and a "
+              f"{SMALL_OFFSET} step along it gains {fmt(s['small_step_gain_at_hit'])} "
+              f"({fmt(s['small_step_gain_control'])} at control steps)")  # fmt: skip
+        by_offset = ", ".join(f"{o} {fmt(g)}" for o, g in s["gain_by_offset_at_hit"].items())
+        print(f"    there, offsets toward that swerve gain {by_offset}; the full swerve {fmt(s['swerve_gain_at_hit'])}")
     print(f"saved {out}")
     return 0
 

@@ -593,6 +593,20 @@ def test_crash_foresight_script_reads_the_episodes_eval_unseen_tracks_drives(uni
     assert escape["obstacle_hits"] <= round(16 * row["share_obstacle"])
     for key in car_crash_foresight.ESCAPE_READS:  # shares of the hits (None without any)
         assert (escape[key] is None) == (escape["obstacle_hits"] == 0) and (escape[key] is None or 0 <= escape[key] <= 1)
+    slope = row["slope"]
+    assert 0 <= slope["hits_swerve_better"] <= escape["obstacle_hits"]
+    assert np.isfinite(slope["abs_slope_control"]) and slope["abs_slope_control"] >= 0
+    assert np.isfinite(slope["small_step_gain_control"])
+    assert set(slope["gain_by_offset_at_hit"]) == {str(o) for o in car_crash_foresight.OFFSETS}
+    for key in ("toward_swerve_at_hit", "small_step_gain_at_hit", "swerve_gain_at_hit"):
+        assert (slope[key] is None) == (slope["hits_swerve_better"] == 0), key
+    if slope["hits_swerve_better"]:
+        assert 0 <= slope["toward_swerve_at_hit"] <= 1 and slope["swerve_gain_at_hit"] > 0
+    # Without an actor EMA (this run) the live actor is the evaluated one: the reads are the same.
+    live = tmp_path / "live.json"
+    assert car_crash_foresight.main([run, "--checkpoint", "latest", "--episodes", "16", "--lookahead", "0,5",
+                                     "--actor", "live", "--out", str(live)]) == 0  # fmt: skip
+    assert json.loads(live.read_text())["per_seed"] == json.loads(out.read_text())["per_seed"]
     capsys.readouterr()
     assert car_crash_foresight.main([run, "--checkpoint", "latest", "--lookahead", "0,39"]) == 1
     assert "--lookahead='0,39' needs episodes longer than 40 steps" in capsys.readouterr().err
