@@ -7,6 +7,7 @@ fit a CPU budget; the learning checks that need minutes are marked ``slow``.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import sys
@@ -792,6 +793,48 @@ def test_collect_noise_corr_correlates_the_exploration_noise_over_steps_and_rest
     np.testing.assert_array_equal(np.asarray(action[0]), np.asarray(first_action))
     with pytest.raises(ValueError, match="collect_noise_corr"):
         dreamer.DreamerConfig.build(collect_noise_corr=1.0)
+
+
+def test_imagine_noise_corr_correlates_the_imagined_noise_and_at_zero_is_the_independent_sampler(env):
+    """With ``imagine_noise_corr = rho`` the actor's standard-normal draws in imagination follow
+    ``z_t = rho z_{t-1} + sqrt(1 - rho^2) eps_t`` over the imagined steps (unit variance, lag-1
+    correlation rho), starting from the same draw as the independent sampler; at 0 they are that
+    sampler's draws exactly. REINFORCE and mix refuse it, and so does rho = 1."""
+    rho, n = 0.9, 512
+    cfg = dreamer.DreamerConfig.build(num_envs=2, episode_length=50, buffer_size=256, horizon=15)
+    p = dreamer.init(jax.random.PRNGKey(0), env, cfg).params
+    nets = dreamer.nets(env, cfg)
+    d = cfg.dims
+    k_deter, k_stoch = jax.random.split(jax.random.PRNGKey(1))
+    classes = jax.random.randint(k_stoch, (n, d.stoch), 0, d.classes)
+    start = Latent(deter=jax.random.normal(k_deter, (n, d.deter)), stoch=jax.nn.one_hot(classes, d.classes).reshape(n, -1))
+    rng = jax.random.PRNGKey(2)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def noise_of(corr: float) -> jax.Array:
+        traj = behavior.imagine(nets.world_model, p["world_model"], nets.actor, p["actor"], start, rng, cfg.horizon,
+                                cfg.unimix, corr)  # fmt: skip
+        mean, std = nets.actor.apply(p["actor"], traj.feat[:-1])
+        return (traj.raw_action - mean) / std
+
+    z, z0 = np.asarray(noise_of(rho)), np.asarray(noise_of(0.0))
+    assert z.shape == (cfg.horizon, n, env.action_size)
+    assert np.std(z) == pytest.approx(1.0, abs=0.05)
+    assert np.corrcoef(z[1:].ravel(), z[:-1].ravel())[0, 1] == pytest.approx(rho, abs=0.03)
+    assert abs(np.corrcoef(z0[1:].ravel(), z0[:-1].ravel())[0, 1]) < 0.05
+    independent = [jax.random.normal(jax.random.split(k)[0], (n, env.action_size)) for k in jax.random.split(rng, cfg.horizon)]
+    np.testing.assert_allclose(z0, np.stack(independent), atol=1e-4)
+    np.testing.assert_allclose(z[0], z0[0], atol=1e-4)
+    for bad in ({"imagine_noise_corr": 1.0}, {"imagine_noise_corr": 0.5, "actor_grad": "mix"}):
+        with pytest.raises(ValueError, match="imagine_noise_corr"):
+            dreamer.DreamerConfig.build(**bad)
+    with pytest.raises(ValueError, match="noise_corr"):
+        behavior.behavior_losses(
+            nets.world_model, p["world_model"], nets.actor, p["actor"], nets.critic, p["critic"], start, jnp.ones(n),
+            behavior.ReturnNorm.create(), rng, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
+            actor_grad="reinforce", actor_entropy=0.0, norm_rate=cfg.return_norm_rate, reinforce_share=0.0,
+            norm_limit=cfg.return_norm_limit, twohot=nets.twohot, noise_corr=rho,
+        )  # fmt: skip
 
 
 def test_prefill_hold_keeps_each_uniform_prefill_action_for_hold_steps_on_average(env):

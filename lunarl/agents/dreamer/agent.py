@@ -147,6 +147,9 @@ class DreamerConfig(AgentConfig):
     collect_noise_corr: float = bounded(
         0.0, 0.0, 0.999, "AR(1) coefficient of the collecting policy's Gaussian noise over steps (0 = independent)"
     )
+    imagine_noise_corr: float = bounded(
+        0.0, 0.0, 0.999, "AR(1) coefficient of the actor's noise over imagined steps (backprop only; 0 = independent)"
+    )
     slow_critic_rate: float = bounded(0.02, 0.0, 1.0)
     actor_ema_rate: float = bounded(
         0.0, 0.0, 1.0, "EMA rate per update of the actor that evaluation uses (0 = the live actor)"
@@ -165,6 +168,11 @@ class DreamerConfig(AgentConfig):
         if self.actor_min_std >= self.actor_max_std:
             raise ValueError(
                 f"DreamerConfig.actor_min_std={self.actor_min_std} must be below actor_max_std={self.actor_max_std}"
+            )
+        if self.imagine_noise_corr > 0 and self.actor_grad != "backprop":
+            raise ValueError(
+                f"DreamerConfig.imagine_noise_corr={self.imagine_noise_corr} needs actor_grad=backprop "
+                f"(got {self.actor_grad!r}): the REINFORCE score assumes independent steps"
             )
         if self.updates_per_iteration < 1:
             raise ValueError(
@@ -518,7 +526,7 @@ def update(
         start_cont, norm, k_imagine, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
         actor_grad=cfg.actor_grad, actor_entropy=cfg.actor_entropy, norm_rate=cfg.return_norm_rate,
         reinforce_share=cfg.actor_reinforce_share,
-        norm_limit=cfg.return_norm_limit, twohot=n.twohot,
+        norm_limit=cfg.return_norm_limit, twohot=n.twohot, noise_corr=cfg.imagine_noise_corr,
     )  # fmt: skip
     updates, actor_opt = opts["actor"].update(grads, opt_state["actor"])
     actor_params = optax.apply_updates(params["actor"], updates)

@@ -37,7 +37,14 @@ of still being in the episode (``prod gamma c``, stopped).
   so where they say every action ends in a crash (or that crawling is fine) it has nothing to
   climb. REINFORCE, with the replay value loss tying the critic to real returns, keeps exploring
   (its std stays ~0.3) and got all 6 of those seeds past 90% by 46k env steps (output scale 1),
-  where backprop then got 4; ``actor_grad=reinforce replay_value_scale=0.3``. The runs, and an
+  where backprop then got 4; ``actor_grad=reinforce replay_value_scale=0.3``.
+* Imagination noise, ``noise_corr`` (backprop only): the actor's standard-normal draws follow an
+  AR(1) process over the imagined steps, ``z_t = rho z_{t-1} + sqrt(1 - rho^2) eps_t``, so each
+  step keeps its Gaussian but a rollout's deviations from the mean persist. The backprop objective
+  is then the return smoothed over committed deviations. Why: near an obstacle on the car the
+  imagined return is flat for small steering changes and rises only for a swerve held near full
+  lock for several steps, so the gradient of independent low-noise samples does not see it
+  (``scripts/car_crash_foresight.py``'s slope read, scripts/results/dreamer.md session 17). The runs, and an
   early one in which REINFORCE's steering drifted to full lock, are in scripts/results/dreamer.md.
   ``mix`` (DreamerV2's ``both``) maximises ``(1 - s) * backprop + s * REINFORCE`` objectives,
   ``s = reinforce_share``. Mid-run on the car the backprop gradient's norm is 4-13x REINFORCE's,
@@ -174,20 +181,31 @@ def imagine(
     rng: jax.Array,
     horizon: int,
     unimix: float,
+    noise_corr: float = 0.0,
 ) -> Imagined:
-    """Roll the prior forward ``horizon`` steps from ``start`` (leaves [N, ...]) with the actor."""
+    """Roll the prior forward ``horizon`` steps from ``start`` (leaves [N, ...]) with the actor;
+    ``noise_corr``: the AR(1) coefficient of its standard-normal draws over the steps."""
     classes = wm.dims.classes
+    if not 0.0 <= noise_corr < 1.0:
+        raise ValueError(f"imagine: noise_corr={noise_corr} must be in [0, 1)")
 
-    def step(latent: Latent, key: jax.Array) -> tuple[Latent, tuple]:
+    def step(carry: tuple[Latent, jax.Array], xs: tuple) -> tuple[tuple[Latent, jax.Array], tuple]:
+        latent, previous = carry
+        first, key = xs
         k_act, k_stoch = jax.random.split(key)
         feat = latent.feat
         mean, std = actor.apply(actor_params, feat)
-        action, raw = sample_action(k_act, mean, std)
+        eps = jax.random.normal(k_act, mean.shape)
+        # At noise_corr 0 this is eps exactly, so the random stream is the independent sampler's.
+        noise = jnp.where(first, eps, noise_corr * previous + math.sqrt(1.0 - noise_corr**2) * eps)
+        action, raw = sample_action(k_act, mean, std, noise)
         deter, prior_logits = wm.apply(wm_params, latent.deter, latent.stoch, action, method=WorldModelNet.img_step)
         stoch = sample_stoch(k_stoch, unimix_logits(prior_logits, classes, unimix))
-        return Latent(deter, stoch), (feat, action, raw)
+        return (Latent(deter, stoch), noise), (feat, action, raw)
 
-    last, (feats, actions, raws) = jax.lax.scan(step, start, jax.random.split(rng, horizon))
+    firsts = jnp.arange(horizon) == 0
+    noise0 = jnp.zeros(start.deter.shape[:-1] + (actor.action_size,), jnp.float32)
+    (last, _), (feats, actions, raws) = jax.lax.scan(step, (start, noise0), (firsts, jax.random.split(rng, horizon)))
     feat = jnp.concatenate([feats, last.feat[None]], axis=0)
     return Imagined(feat=feat, action=actions, raw_action=raws)
 
@@ -231,14 +249,18 @@ def behavior_losses(
     reinforce_share: float,
     norm_limit: float,
     twohot: TwoHot,
+    noise_corr: float = 0.0,
 ) -> tuple[jax.Array, tuple[Imagined, jax.Array, jax.Array, ReturnNorm, dict[str, jax.Array]]]:
     """The actor loss (differentiable in ``actor_params``) and, as aux, what the critic needs:
     (stopped rollout, stopped returns, stopped step weights, the updated normaliser, metrics).
     ``start_cont`` [N]: 0 where the start latent is terminal (those rollouts get weight 0).
     ``reinforce_share``: with ``actor_grad="mix"``, the weight of the REINFORCE objective (the
-    backprop objective gets ``1 - reinforce_share``)."""
+    backprop objective gets ``1 - reinforce_share``). ``noise_corr``: see ``imagine`` (backprop
+    only: the REINFORCE score assumes independent steps)."""
     sg = jax.lax.stop_gradient
-    traj = imagine(wm, wm_params, actor, actor_params, start, rng, horizon, unimix)
+    if noise_corr > 0 and actor_grad != "backprop":
+        raise ValueError(f"noise_corr={noise_corr} needs actor_grad='backprop' (got {actor_grad!r})")
+    traj = imagine(wm, wm_params, actor, actor_params, start, rng, horizon, unimix, noise_corr)
     if actor_grad == "reinforce":
         traj = sg(traj)
     reward_logits, cont_logit = wm.apply(wm_params, traj.feat[1:], method=WorldModelNet.reward_and_cont)
