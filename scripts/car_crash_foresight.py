@@ -284,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": args.checkpoint,
         "iteration": meta["iteration"],
         "read_actor": args.actor,
+        "escape_lookahead": args.escape_lookahead,
         "return_scale": [float(x) for x in np.asarray(scale)],
         "global_step": meta["global_step"],
         "track_seeds": [args.first_track_seed, args.first_track_seed + args.episodes - 1],
