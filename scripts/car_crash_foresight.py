@@ -154,24 +154,21 @@ def drive_and_read(
         ret = behavior.lambda_returns(nets.twohot.decode(reward), jax.nn.sigmoid(cont), value, cfg.gamma, cfg.lam)
         return ret[0].reshape(n, ESCAPE_SAMPLES).mean(axis=1)
 
-    def swerve_scores_higher(at: jax.Array) -> jax.Array:
-        best = jnp.maximum(imagined_return(at, -1.0), imagined_return(at, 1.0))
-        return best > imagined_return(at, None)
-
-    def objective_slope(at: jax.Array) -> dict[str, jax.Array]:
-        """The normalised objective's slope in the steering offset, whether it points to the better
-        swerve, and the gain of a ``SMALL_OFFSET`` step along it (all [E])."""
+    def escape_and_slope(at: jax.Array) -> dict[str, jax.Array]:
+        """Whether a swerve scores above the actor's plan; the normalised objective's slope in the
+        steering offset, whether it points to the better swerve, and the gain of a ``SMALL_OFFSET``
+        step along it; the gains of ``OFFSETS`` toward that swerve and of the swerve (all [E])."""
         base, slope = jax.jvp(lambda o: imagined_return(at, None, o), (jnp.zeros(n),), (jnp.ones(n),))
         step = SMALL_OFFSET * jnp.sign(slope)
         left, right = imagined_return(at, -1.0), imagined_return(at, 1.0)
         side = jnp.where(right > left, 1.0, -1.0)
         gains = {f"offset_{o}_gain": (imagined_return(at, None, o * side) - base) / return_scale for o in OFFSETS}
-        return {"slope": slope / return_scale, "toward_swerve": (slope > 0) == (right > left),
+        return {"swerve_better": jnp.maximum(left, right) > base, "slope": slope / return_scale, "toward_swerve": (slope > 0) == (right > left),
                 "small_step_gain": (imagined_return(at, None, step) - base) / return_scale,
                 "swerve_gain": (jnp.maximum(left, right) - base) / return_scale, **gains}
 
     lap_end, off_end, hit_end = ended(lap), ended(off), ended(hit)
-    slope_hit, slope_control = objective_slope(last), objective_slope(control)
+    read_hit, read_control = escape_and_slope(last), escape_and_slope(control)
     at_hit = jax.tree.map(lambda *x: jnp.stack(x), *[imagined_outcome(last, k) for k in lookahead])
     at_control = jax.tree.map(lambda *x: jnp.stack(x), *[imagined_outcome(control, k) for k in lookahead])
     # The escape the model sees: the lower P(terminal) of swerving left or right instead.
@@ -191,10 +188,8 @@ def drive_and_read(
         **dict(zip(("p_terminal_control", "reward_control"), at_control, strict=True)),
         "p_terminal_swerve": swerve,
         "escape_readable": last >= escape_k + 1,
-        "swerve_better_at_hit": swerve_scores_higher(last),
-        "swerve_better_control": swerve_scores_higher(control),
-        **{f"{k}_at_hit": v for k, v in slope_hit.items()},
-        **{f"{k}_control": v for k, v in slope_control.items()},
+        **{f"{k}_at_hit": v for k, v in read_hit.items()},
+        **{f"{k}_control": v for k, v in read_control.items()},
     }
 
 
