@@ -27,7 +27,7 @@ from lunarl import report
 from lunarl.agents import get as get_agent
 from lunarl.agents import replay as replay_lib
 from lunarl.agents.dreamer import agent as dreamer
-from lunarl.agents.dreamer import behavior, terminal_replay
+from lunarl.agents.dreamer import behavior, probe, terminal_replay
 from lunarl.agents.dreamer.world_model import (
     Latent,
     TwoHot,
@@ -799,7 +799,9 @@ def test_imagine_noise_corr_correlates_the_imagined_noise_and_at_zero_is_the_ind
     """With ``imagine_noise_corr = rho`` the actor's standard-normal draws in imagination follow
     ``z_t = rho z_{t-1} + sqrt(1 - rho^2) eps_t`` over the imagined steps (unit variance, lag-1
     correlation rho), starting from the same draw as the independent sampler; at 0 they are that
-    sampler's draws exactly. REINFORCE and mix refuse it, and so does rho = 1."""
+    sampler's draws exactly. With ``imagine_noise_share = s`` only the first ``s * N`` rollouts
+    get the correlated draws and the rest the independent ones. REINFORCE and mix refuse it, and
+    so does rho = 1."""
     rho, n = 0.9, 512
     cfg = dreamer.DreamerConfig.build(num_envs=2, episode_length=50, buffer_size=256, horizon=15)
     p = dreamer.init(jax.random.PRNGKey(0), env, cfg).params
@@ -810,10 +812,10 @@ def test_imagine_noise_corr_correlates_the_imagined_noise_and_at_zero_is_the_ind
     start = Latent(deter=jax.random.normal(k_deter, (n, d.deter)), stoch=jax.nn.one_hot(classes, d.classes).reshape(n, -1))
     rng = jax.random.PRNGKey(2)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def noise_of(corr: float) -> jax.Array:
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def noise_of(corr: float, share: float = 1.0) -> jax.Array:
         traj = behavior.imagine(nets.world_model, p["world_model"], nets.actor, p["actor"], start, rng, cfg.horizon,
-                                cfg.unimix, corr)  # fmt: skip
+                                cfg.unimix, corr, share)  # fmt: skip
         mean, std = nets.actor.apply(p["actor"], traj.feat[:-1])
         return (traj.raw_action - mean) / std
 
@@ -825,6 +827,9 @@ def test_imagine_noise_corr_correlates_the_imagined_noise_and_at_zero_is_the_ind
     independent = [jax.random.normal(jax.random.split(k)[0], (n, env.action_size)) for k in jax.random.split(rng, cfg.horizon)]
     np.testing.assert_allclose(z0, np.stack(independent), atol=1e-4)
     np.testing.assert_allclose(z[0], z0[0], atol=1e-4)
+    half = np.asarray(noise_of(rho, 0.25))
+    np.testing.assert_allclose(half[:, : n // 4], z[:, : n // 4], atol=1e-4)
+    np.testing.assert_allclose(half[:, n // 4 :], z0[:, n // 4 :], atol=1e-4)
     for bad in ({"imagine_noise_corr": 1.0}, {"imagine_noise_corr": 0.5, "actor_grad": "mix"}):
         with pytest.raises(ValueError, match="imagine_noise_corr"):
             dreamer.DreamerConfig.build(**bad)
@@ -835,6 +840,83 @@ def test_imagine_noise_corr_correlates_the_imagined_noise_and_at_zero_is_the_ind
             actor_grad="reinforce", actor_entropy=0.0, norm_rate=cfg.return_norm_rate, reinforce_share=0.0,
             norm_limit=cfg.return_norm_limit, twohot=nets.twohot, noise_corr=rho,
         )  # fmt: skip
+
+
+def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_best(
+    env, cfg, trained_world_model, collected
+):
+    """The committed-action probes: candidate 0 is the actor's mean plan and candidates 1..2A hold
+    one action dimension at +1 or -1 for ``hold_steps`` steps (then the actor's mean); every
+    candidate sees the same stochastic-state draws, so where actions do not reach the dynamics
+    all rollouts coincide and nothing is distilled. With the trained model some held action beats
+    the plan, terminal starts never count, and one step on the loss moves the actor's mean at the
+    best rollout's latents toward its held action."""
+    wm_params, _ = trained_world_model
+    nets = dreamer.nets(env, cfg)
+    d, a, n, hold, horizon = cfg.dims, env.action_size, 64, 4, 6
+    actor_params = nets.actor.init(jax.random.PRNGKey(3), jnp.zeros((1, d.deter + d.stoch_size)))
+    critic_params = nets.critic.init(jax.random.PRNGKey(4), jnp.zeros((1, d.deter + d.stoch_size)))
+    k_deter, k_stoch = jax.random.split(jax.random.PRNGKey(1))
+    classes = jax.random.randint(k_stoch, (n, d.stoch), 0, d.classes)
+    start = Latent(deter=jax.random.normal(k_deter, (n, d.deter)), stoch=jax.nn.one_hot(classes, d.classes).reshape(n, -1))
+    rng = jax.random.PRNGKey(2)
+    kw = dict(horizon=horizon, hold_steps=hold, unimix=cfg.unimix)
+
+    mask, value = probe.probe_actions(a)
+    assert mask.shape == value.shape == (1 + 2 * a, a)
+    feats, actions = fast_jit(lambda wp, ap: probe.probe_rollouts(nets.world_model, wp, nets.actor, ap, start, rng, **kw))(
+        wm_params, actor_params)  # fmt: skip
+    feats, actions = np.asarray(feats), np.asarray(actions)
+    assert feats.shape == (horizon + 1, 1 + 2 * a, n, d.deter + d.stoch_size) and actions.shape == (horizon, 1 + 2 * a, n, a)
+    np.testing.assert_array_equal(feats[0], np.broadcast_to(np.asarray(start.feat), feats[0].shape))
+    mean = np.asarray(nets.actor.apply(actor_params, feats[:-1])[0])
+    np.testing.assert_allclose(actions[:, 0], mean[:, 0], atol=1e-6)
+    for j in range(a):
+        for k, sign in ((1 + j, 1.0), (1 + a + j, -1.0)):
+            np.testing.assert_array_equal(actions[:hold, k, :, j], sign)
+            others = [i for i in range(a) if i != j]
+            np.testing.assert_allclose(actions[:hold, k][..., others], mean[:hold, k][..., others], atol=1e-6)
+            np.testing.assert_allclose(actions[hold:, k], mean[hold:, k], atol=1e-6)
+
+    loss_kw = dict(**kw, gamma=cfg.gamma, lam=cfg.lam, twohot=nets.twohot)
+
+    @functools.partial(fast_jit, static_argnames="margin")
+    def loss_and_grad(wp, ap, cont, margin):
+        return jax.value_and_grad(probe.probe_loss, has_aux=True)(
+            ap, nets.world_model, wp, nets.actor, nets.critic, critic_params, start, cont, jnp.float32(1.0), rng,
+            margin=margin, **loss_kw)  # fmt: skip
+
+    # No action reaches the dynamics: one shared draw per start makes every candidate the plan.
+    kernel = wm_params["params"]["img_in"]["Dense_0"]["kernel"]
+    deaf = jax.tree.map(lambda x: x, wm_params)
+    deaf["params"]["img_in"]["Dense_0"]["kernel"] = kernel.at[-a:].set(0.0)
+    (loss, m), grads = loss_and_grad(deaf, actor_params, jnp.ones(n), 0.0)
+    assert float(loss) == 0.0 and float(m["probe/improved"]) == 0.0 and float(m["probe/gain"]) == 0.0
+    assert float(jnp.max(jnp.abs(ravel_pytree(grads)[0]))) == 0.0
+
+    (loss, m), grads = loss_and_grad(wm_params, actor_params, jnp.ones(n), 0.0)
+    assert 0.0 < float(m["probe/improved"]) <= 1.0 and float(m["probe/gain"]) > 0.0 and float(loss) > 0.0
+    (_, m_half), _ = loss_and_grad(wm_params, actor_params, jnp.ones(n).at[: n // 2].set(0.0), 0.0)
+    assert float(m_half["probe/improved"]) < float(m["probe/improved"])
+    (loss_far, m_far), _ = loss_and_grad(wm_params, actor_params, jnp.ones(n), 1e6)
+    assert float(loss_far) == 0.0 and float(m_far["probe/improved"]) == 0.0
+    stepped = jax.tree.map(lambda p, g: p - 0.05 * g, actor_params, grads)
+    (loss_after, _), _ = loss_and_grad(wm_params, stepped, jnp.ones(n), 0.0)
+    assert float(loss_after) < float(loss)
+    with pytest.raises(ValueError, match="probe_steps"):
+        dreamer.DreamerConfig.build(probe_scale=1.0, probe_steps=20, horizon=15)
+
+    # In the agent's update: its metrics and a finite actor step.
+    seq = dreamer.time_major(replay_lib.sample_sequences(collected[0].replay, jax.random.PRNGKey(3), 4, 8))
+    small = dict(num_envs=4, episode_length=200, unroll_length=4, batch_size=4, seq_len=8, horizon=3, buffer_size=64)
+    on = dreamer.DreamerConfig.build(**small, probe_scale=1.0, probe_steps=2, probe_starts=8, probe_margin=0.0)
+    ts = dreamer.init(jax.random.PRNGKey(0), env, on)
+    ts = ts.replace(params={**ts.params, "world_model": wm_params})
+    on_nets = dreamer.nets(env, on)
+    new, _, _, m = fast_jit(lambda p, o, r: dreamer.update(on_nets, on, p, o, r, seq, jax.random.PRNGKey(4)))(
+        ts.params, ts.opt_state, ts.return_norm)  # fmt: skip
+    assert {"probe/improved", "probe/gain"} <= set(m) and 0.0 < float(m["probe/improved"]) <= 1.0
+    assert np.all(np.isfinite(ravel_pytree(new["actor"])[0]))
 
 
 def test_prefill_hold_keeps_each_uniform_prefill_action_for_hold_steps_on_average(env):

@@ -63,7 +63,7 @@ from lunarl.agents.base import (
     reset_carry,
     split_on_data,
 )
-from lunarl.agents.dreamer import behavior, terminal_replay
+from lunarl.agents.dreamer import behavior, probe, terminal_replay
 from lunarl.agents.dreamer.world_model import (
     Latent,
     ModelDims,
@@ -150,6 +150,11 @@ class DreamerConfig(AgentConfig):
     imagine_noise_corr: float = bounded(
         0.0, 0.0, 0.999, "AR(1) coefficient of the actor's noise over imagined steps (backprop only; 0 = independent)"
     )
+    imagine_noise_share: float = bounded(1.0, 0.0, 1.0, "share of imagined rollouts whose noise is imagine_noise_corr's")
+    probe_scale: float = bounded(0.0, 0.0, None, "weight of the committed-action probes' distillation loss (0 = off; probe.py)")
+    probe_starts: int = bounded(32, 1, None, "start latents probed per update")
+    probe_steps: int = bounded(8, 1, None, "steps each probe holds its action at +-1")
+    probe_margin: float = bounded(0.05, 0.0, None, "normalised gain over the plan a probe needs to be distilled")
     slow_critic_rate: float = bounded(0.02, 0.0, 1.0)
     actor_ema_rate: float = bounded(
         0.0, 0.0, 1.0, "EMA rate per update of the actor that evaluation uses (0 = the live actor)"
@@ -173,6 +178,10 @@ class DreamerConfig(AgentConfig):
             raise ValueError(
                 f"DreamerConfig.imagine_noise_corr={self.imagine_noise_corr} needs actor_grad=backprop "
                 f"(got {self.actor_grad!r}): the REINFORCE score assumes independent steps"
+            )
+        if self.probe_scale > 0 and self.probe_steps > self.horizon:
+            raise ValueError(
+                f"DreamerConfig.probe_steps={self.probe_steps} must not exceed horizon={self.horizon}"
             )
         if self.updates_per_iteration < 1:
             raise ValueError(
@@ -484,6 +493,8 @@ BEHAVIOR_METRICS = (
     "critic/value",
     "critic/replay_loss",
     "critic/replay_return",
+    "probe/improved",
+    "probe/gain",
 )
 REPLAY_METRICS = ("replay/terminal_windows",)  # share of the sampled windows holding a terminal step
 LOSS_METRICS = WORLD_MODEL_METRICS + BEHAVIOR_METRICS + REPLAY_METRICS
@@ -527,7 +538,21 @@ def update(
         actor_grad=cfg.actor_grad, actor_entropy=cfg.actor_entropy, norm_rate=cfg.return_norm_rate,
         reinforce_share=cfg.actor_reinforce_share,
         norm_limit=cfg.return_norm_limit, twohot=n.twohot, noise_corr=cfg.imagine_noise_corr,
+        noise_share=cfg.imagine_noise_share,
     )  # fmt: skip
+    if cfg.probe_scale > 0:
+        k_probe_starts, k_probe = jax.random.split(jax.random.fold_in(k_imagine, 1))
+        probed = jax.random.permutation(k_probe_starts, start_cont.shape[0])[: cfg.probe_starts]
+        probe_start, probe_cont = jax.tree.map(lambda x: x[probed], (start, start_cont))
+        probe_grads, probe_metrics = jax.grad(probe.probe_loss, has_aux=True)(
+            params["actor"], n.world_model, params["world_model"], n.actor, n.critic, params["critic"], probe_start,
+            probe_cont, norm.scale(cfg.return_norm_limit), k_probe, horizon=cfg.horizon, hold_steps=cfg.probe_steps,
+            unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam, margin=cfg.probe_margin, twohot=n.twohot,
+        )  # fmt: skip
+        grads = jax.tree.map(lambda g, h: g + cfg.probe_scale * h, grads, probe_grads)
+        actor_metrics = {**actor_metrics, **probe_metrics}
+    else:
+        actor_metrics = {**actor_metrics, "probe/improved": jnp.zeros(()), "probe/gain": jnp.zeros(())}
     updates, actor_opt = opts["actor"].update(grads, opt_state["actor"])
     actor_params = optax.apply_updates(params["actor"], updates)
 

@@ -184,12 +184,21 @@ def imagine(
     horizon: int,
     unimix: float,
     noise_corr: float = 0.0,
+    noise_share: float = 1.0,
 ) -> Imagined:
     """Roll the prior forward ``horizon`` steps from ``start`` (leaves [N, ...]) with the actor;
-    ``noise_corr``: the AR(1) coefficient of its standard-normal draws over the steps."""
+    ``noise_corr``: the AR(1) coefficient of its standard-normal draws over the steps, in the
+    first ``round(noise_share * N)`` rollouts (the rest draw independently)."""
     classes = wm.dims.classes
     if not 0.0 <= noise_corr < 1.0:
         raise ValueError(f"imagine: noise_corr={noise_corr} must be in [0, 1)")
+    if not 0.0 <= noise_share <= 1.0:
+        raise ValueError(f"imagine: noise_share={noise_share} must be in [0, 1]")
+    num = start.deter.shape[0]
+    correlated = (jnp.arange(num) < round(noise_share * num))[:, None]
+    # Per-rollout coefficients; an independent rollout gets (0, 1), so its draws are eps exactly.
+    keep = jnp.where(correlated, noise_corr, 0.0)
+    fresh = jnp.where(correlated, math.sqrt(1.0 - noise_corr**2), 1.0)
 
     def step(carry: tuple[Latent, jax.Array], xs: tuple) -> tuple[tuple[Latent, jax.Array], tuple]:
         latent, previous = carry
@@ -199,7 +208,7 @@ def imagine(
         mean, std = actor.apply(actor_params, feat)
         eps = jax.random.normal(k_act, mean.shape)
         # At noise_corr 0 this is eps exactly, so the random stream is the independent sampler's.
-        noise = jnp.where(first, eps, noise_corr * previous + math.sqrt(1.0 - noise_corr**2) * eps)
+        noise = jnp.where(first, eps, keep * previous + fresh * eps)
         action, raw = sample_action(k_act, mean, std, noise)
         deter, prior_logits = wm.apply(wm_params, latent.deter, latent.stoch, action, method=WorldModelNet.img_step)
         stoch = sample_stoch(k_stoch, unimix_logits(prior_logits, classes, unimix))
@@ -252,17 +261,18 @@ def behavior_losses(
     norm_limit: float,
     twohot: TwoHot,
     noise_corr: float = 0.0,
+    noise_share: float = 1.0,
 ) -> tuple[jax.Array, tuple[Imagined, jax.Array, jax.Array, ReturnNorm, dict[str, jax.Array]]]:
     """The actor loss (differentiable in ``actor_params``) and, as aux, what the critic needs:
     (stopped rollout, stopped returns, stopped step weights, the updated normaliser, metrics).
     ``start_cont`` [N]: 0 where the start latent is terminal (those rollouts get weight 0).
     ``reinforce_share``: with ``actor_grad="mix"``, the weight of the REINFORCE objective (the
-    backprop objective gets ``1 - reinforce_share``). ``noise_corr``: see ``imagine`` (backprop
-    only: the REINFORCE score assumes independent steps)."""
+    backprop objective gets ``1 - reinforce_share``). ``noise_corr``, ``noise_share``: see
+    ``imagine`` (backprop only: the REINFORCE score assumes independent steps)."""
     sg = jax.lax.stop_gradient
     if noise_corr > 0 and actor_grad != "backprop":
         raise ValueError(f"noise_corr={noise_corr} needs actor_grad='backprop' (got {actor_grad!r})")
-    traj = imagine(wm, wm_params, actor, actor_params, start, rng, horizon, unimix, noise_corr)
+    traj = imagine(wm, wm_params, actor, actor_params, start, rng, horizon, unimix, noise_corr, noise_share)
     if actor_grad == "reinforce":
         traj = sg(traj)
     reward_logits, cont_logit = wm.apply(wm_params, traj.feat[1:], method=WorldModelNet.reward_and_cont)

@@ -1,0 +1,128 @@
+"""Committed-action probes: a planning-style improvement step for the actor (``probe_scale > 0``).
+
+Why: the backprop actor follows the local slope of its imagined return. Near an obstacle on the
+car track that objective is flat for small steering changes and rises only for a swerve held near
+full lock for several steps (``scripts/car_crash_foresight.py``'s slope read: an offset of 0.25
+toward the swerve gains 2-8% of the full swerve's gain), so on some seeds the actor never learns
+to swerve although its own imagination scores the swerve higher (scripts/results/dreamer.md,
+sessions 16-17). A probe looks where the gradient does not.
+
+From each of ``probe_starts`` start latents the world model imagines, with common random draws of
+its stochastic state, ``1 + 2A`` rollouts of ``horizon`` steps (``A`` action dimensions): the
+actor's plan (its mean action every step) and, for every dimension ``j`` and sign, the plan with
+action ``j`` held at +1 or -1 for the first ``probe_steps`` steps. Each is scored by its
+lambda-return at the start (the model's rewards and continues, the critic's bootstrap), divided
+by the return scale as the actor loss is. Where the best held action beats the plan by more than
+``probe_margin``, the actor's mean at that rollout's first ``probe_steps`` latents is pulled
+toward the held action (squared error; the other dimensions' targets are the actor's own means,
+so only ``j`` moves). Nothing here is differentiated through the model or the critic: the probes
+are a search, and the actor distils what it found.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from lunarl.agents.dreamer.behavior import ActorNet, CriticNet, lambda_returns
+from lunarl.agents.dreamer.world_model import Latent, TwoHot, WorldModelNet, unimix_logits
+
+
+def probe_actions(action_size: int) -> tuple[jax.Array, jax.Array]:
+    """(mask, value) [1 + 2A, A] of the candidates: row 0 the plan (no dimension held), then
+    dimension ``j`` held at +1 and at -1 for each ``j``."""
+    eye = jnp.eye(action_size)
+    mask = jnp.concatenate([jnp.zeros((1, action_size)), eye, eye], axis=0)
+    value = jnp.concatenate([jnp.zeros((1, action_size)), eye, -eye], axis=0)
+    return mask, value
+
+
+def probe_rollouts(
+    wm: WorldModelNet,
+    wm_params: Any,
+    actor: ActorNet,
+    actor_params: Any,
+    start: Latent,
+    rng: jax.Array,
+    *,
+    horizon: int,
+    hold_steps: int,
+    unimix: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Features [H+1, K, N, F] and actions [H, K, N, A] of the ``K = 1 + 2A`` candidate rollouts
+    from ``start`` (leaves [N, ...]); every candidate sees the same draws of the stochastic state."""
+    classes = wm.dims.classes
+    mask, value = probe_actions(actor.action_size)
+    num_candidates = mask.shape[0]
+    latent = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_candidates,) + x.shape), start)
+    held_mask, held_value = mask[:, None, :] > 0.5, value[:, None, :]
+
+    def step(latent: Latent, xs: tuple) -> tuple[Latent, tuple]:
+        t, key = xs
+        feat = latent.feat
+        mean, _ = actor.apply(actor_params, feat)
+        action = jnp.where(held_mask & (t < hold_steps), held_value, mean)
+        deter, prior_logits = wm.apply(wm_params, latent.deter, latent.stoch, action, method=WorldModelNet.img_step)
+        log_probs = unimix_logits(prior_logits, classes, unimix)  # [K, N, S, C]
+        # Gumbel-max with one draw per start, shared by its candidates (common random numbers).
+        gumbel = jax.random.gumbel(key, log_probs.shape[1:])
+        stoch = jax.nn.one_hot(jnp.argmax(log_probs + gumbel, axis=-1), classes, dtype=log_probs.dtype)
+        return Latent(deter, stoch.reshape(stoch.shape[:-2] + (-1,))), (feat, action)
+
+    xs = (jnp.arange(horizon), jax.random.split(rng, horizon))
+    last, (feats, actions) = jax.lax.scan(step, latent, xs)
+    return jnp.concatenate([feats, last.feat[None]], axis=0), actions
+
+
+def probe_loss(
+    actor_params: Any,
+    wm: WorldModelNet,
+    wm_params: Any,
+    actor: ActorNet,
+    critic: CriticNet,
+    critic_params: Any,
+    start: Latent,
+    start_cont: jax.Array,
+    scale: jax.Array,
+    rng: jax.Array,
+    *,
+    horizon: int,
+    hold_steps: int,
+    unimix: float,
+    gamma: float,
+    lam: float,
+    margin: float,
+    twohot: TwoHot,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The distillation loss (differentiable in ``actor_params``) and its metrics: the share of
+    starts where a held action beat the plan by ``margin`` and the mean normalised gain of the
+    best candidate over the plan. ``start_cont`` [N]: 0 for terminal starts (never distilled)."""
+    chex.assert_rank(start_cont, 1)
+    if not 1 <= hold_steps <= horizon:
+        raise ValueError(f"probe_loss: hold_steps={hold_steps} must be in [1, horizon={horizon}]")
+    sg = jax.lax.stop_gradient
+    frozen = sg(actor_params)
+    feats, actions = probe_rollouts(
+        wm, wm_params, actor, frozen, start, rng, horizon=horizon, hold_steps=hold_steps, unimix=unimix
+    )
+    reward_logits, cont_logit = wm.apply(wm_params, feats[1:], method=WorldModelNet.reward_and_cont)
+    value = twohot.decode(critic.apply(critic_params, feats))
+    returns = lambda_returns(twohot.decode(reward_logits), jax.nn.sigmoid(cont_logit), value, gamma, lam)
+    score = returns[0] / scale  # [K, N]
+    gain = score - score[0]
+    best = jnp.argmax(gain, axis=0)  # [N]; 0 (the plan) where nothing beats it
+    best_gain = jnp.take_along_axis(gain, best[None], axis=0)[0]
+    improved = (best_gain > margin) & (start_cont > 0.5)
+
+    # The best candidate's first hold_steps latents and actions: [hold_steps, N, ...].
+    pick = lambda x: jnp.take_along_axis(x[:hold_steps], best[None, None, :, None], axis=1)[:, 0]  # noqa: E731
+    feat, target = sg(pick(feats[:-1])), sg(pick(actions))
+    mean, _ = actor.apply(actor_params, feat)
+    error = jnp.sum(jnp.square(mean - target), axis=-1)  # [hold_steps, N]
+    weight = improved.astype(jnp.float32)
+    loss = 0.5 * jnp.mean(weight * jnp.mean(error, axis=0))
+    metrics = {"probe/improved": jnp.mean(weight), "probe/gain": jnp.mean(best_gain)}
+    return loss, metrics
