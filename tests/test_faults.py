@@ -236,6 +236,22 @@ def test_restore_checks_the_digest(tmp_path):
     ck.close()
 
 
+def test_a_relative_checkpoint_dir_saves_and_restores(tmp_path, monkeypatch):
+    """``scripts/eval_unseen_tracks.py runs/car`` and the like name the run relative to the working
+    directory; Orbax takes absolute paths only, and a relative one must not read as damaged."""
+    monkeypatch.chdir(tmp_path)
+    state = {"w": np.arange(4.0, dtype=np.float32)}
+    ck = Checkpoints("runs/ck")
+    ck.save(3, state, {"seed": 0}, {"iteration": 3})
+    ck.wait()
+    ck.close()
+    again = Checkpoints("runs/ck", create=False)
+    restored, config, meta = again.restore("latest", {"w": jax.ShapeDtypeStruct((4,), np.float32)})
+    again.close()
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert meta["iteration"] == 3 and config["seed"] == 0
+
+
 # --------------------------------------------------------------------------------------------
 # Keys and messages
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -186,7 +187,8 @@ class Checkpoints:
             local = self._open_remote(staging, pull, create, max_to_keep, report)
             self.directory, create = epath.Path(local), True
         else:
-            self.directory = epath.Path(directory)
+            # Absolute: Orbax refuses a relative path (and that refusal read as a damaged checkpoint).
+            self.directory = epath.Path(os.path.abspath(directory))
         if not create and not self.directory.exists():
             raise CheckpointError(f"no checkpoint directory at {self.directory}")
         self.latest = ocp.CheckpointManager(
