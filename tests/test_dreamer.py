@@ -849,7 +849,7 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
     one action dimension at +1 or -1 for ``hold_steps`` steps (then the actor's mean); every
     candidate sees the same stochastic-state draws, so where actions do not reach the dynamics
     all rollouts coincide and nothing is distilled. With the trained model some held action beats
-    the plan, terminal starts never count, and one step on the loss moves the actor's mean at the
+    the plan, terminal starts never count (nor, gated, starts whose plan cannot end), and one step on the loss moves the actor's mean at the
     best rollout's latents toward its held action."""
     wm_params, _ = trained_world_model
     nets = dreamer.nets(env, cfg)
@@ -880,11 +880,11 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
 
     loss_kw = dict(**kw, gamma=cfg.gamma, lam=cfg.lam, twohot=nets.twohot)
 
-    @functools.partial(fast_jit, static_argnames="margin")
-    def loss_and_grad(wp, ap, cont, margin):
+    @functools.partial(fast_jit, static_argnames=("margin", "min_end"))
+    def loss_and_grad(wp, ap, cont, margin, min_end=0.0):
         return jax.value_and_grad(probe.probe_loss, has_aux=True)(
             ap, nets.world_model, wp, nets.actor, nets.critic, critic_params, start, cont, jnp.float32(1.0), rng,
-            margin=margin, **loss_kw)  # fmt: skip
+            margin=margin, min_end=min_end, **loss_kw)  # fmt: skip
 
     # No action reaches the dynamics: one shared draw per start makes every candidate the plan.
     kernel = wm_params["params"]["img_in"]["Dense_0"]["kernel"]
@@ -900,6 +900,11 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
     assert float(m_half["probe/improved"]) < float(m["probe/improved"])
     (loss_far, m_far), _ = loss_and_grad(wm_params, actor_params, jnp.ones(n), 1e6)
     assert float(loss_far) == 0.0 and float(m_far["probe/improved"]) == 0.0
+    # Gated on the plan's imagined episode end: fewer starts, and none where no plan can end.
+    (_, m_gated), _ = loss_and_grad(wm_params, actor_params, jnp.ones(n), 0.0, 0.01)
+    (loss_none, m_none), _ = loss_and_grad(wm_params, actor_params, jnp.ones(n), 0.0, 1.0)
+    assert float(m_gated["probe/improved"]) <= float(m["probe/improved"])
+    assert float(loss_none) == 0.0 and float(m_none["probe/improved"]) == 0.0
     stepped = jax.tree.map(lambda p, g: p - 0.05 * g, actor_params, grads)
     (loss_after, _), _ = loss_and_grad(wm_params, stepped, jnp.ones(n), 0.0)
     assert float(loss_after) < float(loss)

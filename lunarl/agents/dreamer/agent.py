@@ -155,6 +155,9 @@ class DreamerConfig(AgentConfig):
     probe_starts: int = bounded(32, 1, None, "start latents probed per update")
     probe_steps: int = bounded(8, 1, None, "steps each probe holds its action at +-1")
     probe_margin: float = bounded(0.05, 0.0, None, "normalised gain over the plan a probe needs to be distilled")
+    probe_min_end: float = bounded(
+        0.0, 0.0, 1.0, "probe only starts whose plan imagines an episode end with at least this probability (0 = all)"
+    )
     slow_critic_rate: float = bounded(0.02, 0.0, 1.0)
     actor_ema_rate: float = bounded(
         0.0, 0.0, 1.0, "EMA rate per update of the actor that evaluation uses (0 = the live actor)"
@@ -548,6 +551,7 @@ def update(
             params["actor"], n.world_model, params["world_model"], n.actor, n.critic, params["critic"], probe_start,
             probe_cont, norm.scale(cfg.return_norm_limit), k_probe, horizon=cfg.horizon, hold_steps=cfg.probe_steps,
             unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam, margin=cfg.probe_margin, twohot=n.twohot,
+            min_end=cfg.probe_min_end,
         )  # fmt: skip
         grads = jax.tree.map(lambda g, h: g + cfg.probe_scale * h, grads, probe_grads)
         actor_metrics = {**actor_metrics, **probe_metrics}

@@ -13,7 +13,8 @@ actor's plan (its mean action every step) and, for every dimension ``j`` and sig
 action ``j`` held at +1 or -1 for the first ``probe_steps`` steps. Each is scored by its
 lambda-return at the start (the model's rewards and continues, the critic's bootstrap), divided
 by the return scale as the actor loss is. Where the best held action beats the plan by more than
-``probe_margin``, the actor's mean at that rollout's first ``probe_steps`` latents is pulled
+``probe_margin`` (and, with ``probe_min_end > 0``, only where the plan imagines an episode end at
+some step with at least that probability: a crash ahead), the actor's mean at that rollout's first ``probe_steps`` latents is pulled
 toward the held action (squared error; the other dimensions' targets are the actor's own means,
 so only ``j`` moves). Nothing here is differentiated through the model or the critic: the probes
 are a search, and the actor distils what it found.
@@ -96,10 +97,13 @@ def probe_loss(
     lam: float,
     margin: float,
     twohot: TwoHot,
+    min_end: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The distillation loss (differentiable in ``actor_params``) and its metrics: the share of
     starts where a held action beat the plan by ``margin`` and the mean normalised gain of the
-    best candidate over the plan. ``start_cont`` [N]: 0 for terminal starts (never distilled)."""
+    best candidate over the plan. ``start_cont`` [N]: 0 for terminal starts (never distilled).
+    ``min_end``: distil only starts whose plan imagines an episode end at some step with at
+    least this probability (0: every start)."""
     chex.assert_rank(start_cont, 1)
     if not 1 <= hold_steps <= horizon:
         raise ValueError(f"probe_loss: hold_steps={hold_steps} must be in [1, horizon={horizon}]")
@@ -110,12 +114,14 @@ def probe_loss(
     )
     reward_logits, cont_logit = wm.apply(wm_params, feats[1:], method=WorldModelNet.reward_and_cont)
     value = twohot.decode(critic.apply(critic_params, feats))
-    returns = lambda_returns(twohot.decode(reward_logits), jax.nn.sigmoid(cont_logit), value, gamma, lam)
+    cont = jax.nn.sigmoid(cont_logit)  # [H, K, N]
+    returns = lambda_returns(twohot.decode(reward_logits), cont, value, gamma, lam)
     score = returns[0] / scale  # [K, N]
     gain = score - score[0]
     best = jnp.argmax(gain, axis=0)  # [N]; 0 (the plan) where nothing beats it
     best_gain = jnp.take_along_axis(gain, best[None], axis=0)[0]
-    improved = (best_gain > margin) & (start_cont > 0.5)
+    plan_end = jnp.max(1.0 - cont[:, 0], axis=0)  # [N]
+    improved = (best_gain > margin) & (start_cont > 0.5) & (plan_end >= min_end)
 
     # The best candidate's first hold_steps latents and actions: [hold_steps, N, ...].
     pick = lambda x: jnp.take_along_axis(x[:hold_steps], best[None, None, :, None], axis=1)[:, 0]  # noqa: E731
