@@ -54,7 +54,10 @@ of still being in the episode (``prod gamma c``, stopped).
   near full lock, so the gradient at independent low-noise samples does not see it
   (``scripts/car_crash_foresight.py``'s slope read). Measured on the car, with a std floor of 0.3
   it drove a seed the experiment never drives and lost seeds that learn without it
-  (scripts/results/dreamer.md, session 17).
+  (scripts/results/dreamer.md, session 17). On a share of the rollouts only (``noise_share``)
+  it still lost them (session 18).
+* Where the slope is flat, ``probe.py`` searches instead: committed actions scored in
+  imagination, the best distilled into the actor (``probe_scale``; session 18).
 """
 
 from __future__ import annotations
