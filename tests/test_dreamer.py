@@ -849,8 +849,9 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
     one action dimension at +1 or -1 for ``hold_steps`` steps (then the actor's mean); every
     candidate sees the same stochastic-state draws, so where actions do not reach the dynamics
     all rollouts coincide and nothing is distilled. With the trained model some held action beats
-    the plan, terminal starts never count (nor, gated, starts whose plan cannot end), and one step on the loss moves the actor's mean at the
-    best rollout's latents toward its held action."""
+    the plan, terminal starts never count (nor, gated, starts whose plan cannot end), and one
+    step on the loss moves the actor's mean at the best rollout's latents toward its held
+    action."""
     wm_params, _ = trained_world_model
     nets = dreamer.nets(env, cfg)
     d, a, n, hold, horizon = cfg.dims, env.action_size, 64, 4, 6
@@ -862,8 +863,8 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
     rng = jax.random.PRNGKey(2)
     kw = dict(horizon=horizon, hold_steps=hold, unimix=cfg.unimix)
 
-    mask, value = probe.probe_actions(a)
-    assert mask.shape == value.shape == (1 + 2 * a, a)
+    held = np.asarray(probe.probe_actions(a))
+    assert held.shape == (1 + 2 * a, a) and not held[0].any()
     feats, actions = fast_jit(lambda wp, ap: probe.probe_rollouts(nets.world_model, wp, nets.actor, ap, start, rng, **kw))(
         wm_params, actor_params)  # fmt: skip
     feats, actions = np.asarray(feats), np.asarray(actions)
@@ -880,8 +881,8 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
 
     loss_kw = dict(**kw, gamma=cfg.gamma, lam=cfg.lam, twohot=nets.twohot)
 
-    @functools.partial(fast_jit, static_argnames=("margin", "min_end"))
-    def loss_and_grad(wp, ap, cont, margin, min_end=0.0):
+    @fast_jit  # margin and min_end traced: one compile for every case below
+    def loss_and_grad(wp, ap, cont, margin, min_end):
         return jax.value_and_grad(probe.probe_loss, has_aux=True)(
             ap, nets.world_model, wp, nets.actor, nets.critic, critic_params, start, cont, jnp.float32(1.0), rng,
             margin=margin, min_end=min_end, **loss_kw)  # fmt: skip
@@ -890,15 +891,15 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
     kernel = wm_params["params"]["img_in"]["Dense_0"]["kernel"]
     deaf = jax.tree.map(lambda x: x, wm_params)
     deaf["params"]["img_in"]["Dense_0"]["kernel"] = kernel.at[-a:].set(0.0)
-    (loss, m), grads = loss_and_grad(deaf, actor_params, jnp.ones(n), 0.0)
+    (loss, m), grads = loss_and_grad(deaf, actor_params, jnp.ones(n), 0.0, 0.0)
     assert float(loss) == 0.0 and float(m["probe/improved"]) == 0.0 and float(m["probe/gain"]) == 0.0
     assert float(jnp.max(jnp.abs(ravel_pytree(grads)[0]))) == 0.0
 
-    (loss, m), grads = loss_and_grad(wm_params, actor_params, jnp.ones(n), 0.0)
+    (loss, m), grads = loss_and_grad(wm_params, actor_params, jnp.ones(n), 0.0, 0.0)
     assert 0.0 < float(m["probe/improved"]) <= 1.0 and float(m["probe/gain"]) > 0.0 and float(loss) > 0.0
-    (_, m_half), _ = loss_and_grad(wm_params, actor_params, jnp.ones(n).at[: n // 2].set(0.0), 0.0)
+    (_, m_half), _ = loss_and_grad(wm_params, actor_params, jnp.ones(n).at[: n // 2].set(0.0), 0.0, 0.0)
     assert float(m_half["probe/improved"]) < float(m["probe/improved"])
-    (loss_far, m_far), _ = loss_and_grad(wm_params, actor_params, jnp.ones(n), 1e6)
+    (loss_far, m_far), _ = loss_and_grad(wm_params, actor_params, jnp.ones(n), 1e6, 0.0)
     assert float(loss_far) == 0.0 and float(m_far["probe/improved"]) == 0.0
     # Gated on the plan's imagined episode end: fewer starts, and none where no plan can end.
     (_, m_gated), _ = loss_and_grad(wm_params, actor_params, jnp.ones(n), 0.0, 0.01)
@@ -906,7 +907,7 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
     assert float(m_gated["probe/improved"]) <= float(m["probe/improved"])
     assert float(loss_none) == 0.0 and float(m_none["probe/improved"]) == 0.0
     stepped = jax.tree.map(lambda p, g: p - 0.05 * g, actor_params, grads)
-    (loss_after, _), _ = loss_and_grad(wm_params, stepped, jnp.ones(n), 0.0)
+    (loss_after, _), _ = loss_and_grad(wm_params, stepped, jnp.ones(n), 0.0, 0.0)
     assert float(loss_after) < float(loss)
     with pytest.raises(ValueError, match="probe_steps"):
         dreamer.DreamerConfig.build(probe_scale=1.0, probe_steps=20, horizon=15)

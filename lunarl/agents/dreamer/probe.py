@@ -14,10 +14,11 @@ action ``j`` held at +1 or -1 for the first ``probe_steps`` steps. Each is score
 lambda-return at the start (the model's rewards and continues, the critic's bootstrap), divided
 by the return scale as the actor loss is. Where the best held action beats the plan by more than
 ``probe_margin`` (and, with ``probe_min_end > 0``, only where the plan imagines an episode end at
-some step with at least that probability: a crash ahead), the actor's mean at that rollout's first ``probe_steps`` latents is pulled
-toward the held action (squared error; the other dimensions' targets are the actor's own means,
-so only ``j`` moves). Nothing here is differentiated through the model or the critic: the probes
-are a search, and the actor distils what it found.
+some step with at least that probability: a crash ahead), the actor's mean at that rollout's
+first ``probe_steps`` latents is pulled toward the held action (squared error; the other
+dimensions' targets are the actor's own means, so only ``j`` moves). Nothing here is
+differentiated through the model or the critic: the probes are a search, and the actor distils
+what it found.
 """
 
 from __future__ import annotations
@@ -32,13 +33,11 @@ from lunarl.agents.dreamer.behavior import ActorNet, CriticNet, lambda_returns
 from lunarl.agents.dreamer.world_model import Latent, TwoHot, WorldModelNet, unimix_logits
 
 
-def probe_actions(action_size: int) -> tuple[jax.Array, jax.Array]:
-    """(mask, value) [1 + 2A, A] of the candidates: row 0 the plan (no dimension held), then
+def probe_actions(action_size: int) -> jax.Array:
+    """The held actions [1 + 2A, A] of the candidates (0: not held): row 0 the plan, then
     dimension ``j`` held at +1 and at -1 for each ``j``."""
     eye = jnp.eye(action_size)
-    mask = jnp.concatenate([jnp.zeros((1, action_size)), eye, eye], axis=0)
-    value = jnp.concatenate([jnp.zeros((1, action_size)), eye, -eye], axis=0)
-    return mask, value
+    return jnp.concatenate([jnp.zeros((1, action_size)), eye, -eye], axis=0)
 
 
 def probe_rollouts(
@@ -56,10 +55,9 @@ def probe_rollouts(
     """Features [H+1, K, N, F] and actions [H, K, N, A] of the ``K = 1 + 2A`` candidate rollouts
     from ``start`` (leaves [N, ...]); every candidate sees the same draws of the stochastic state."""
     classes = wm.dims.classes
-    mask, value = probe_actions(actor.action_size)
-    num_candidates = mask.shape[0]
-    latent = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_candidates,) + x.shape), start)
-    held_mask, held_value = mask[:, None, :] > 0.5, value[:, None, :]
+    held_value = probe_actions(actor.action_size)[:, None, :]  # [K, 1, A]
+    held_mask = held_value != 0.0
+    latent = jax.tree.map(lambda x: jnp.broadcast_to(x, (held_value.shape[0],) + x.shape), start)
 
     def step(latent: Latent, xs: tuple) -> tuple[Latent, tuple]:
         t, key = xs
@@ -95,9 +93,9 @@ def probe_loss(
     unimix: float,
     gamma: float,
     lam: float,
-    margin: float,
+    margin: float | jax.Array,
     twohot: TwoHot,
-    min_end: float = 0.0,
+    min_end: float | jax.Array = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The distillation loss (differentiable in ``actor_params``) and its metrics: the share of
     starts where a held action beat the plan by ``margin`` and the mean normalised gain of the
