@@ -24,6 +24,7 @@ from conftest import run_app  # noqa: E402  (the app_env fixture comes from conf
 from omegaconf import OmegaConf
 
 from lunarl.run.checkpoint import Checkpoints
+from lunarl.run.numerics import numerics_fingerprint
 from lunarl.run.restore import restore_run
 
 pytestmark = pytest.mark.timeout(900)
@@ -84,9 +85,20 @@ def test_resume_ends_bitwise_equal_to_uninterrupted(finished_run, tmp_path, app_
     shutil.copytree(finished_run, run_dir)
     for path in [run_dir / "checkpoints/latest/15", run_dir / "checkpoints/latest/20", run_dir / "checkpoints/best"]:
         shutil.rmtree(path)
+    # Every checkpoint records the numerical stack it was written on; pretend iteration 10's came
+    # from an older jaxlib: the resume says so in one line and changes nothing else.
+    meta_file = run_dir / "checkpoints/latest/10/meta/metadata"
+    meta = json.loads(meta_file.read_text())
+    assert meta["numerics"] == numerics_fingerprint()
+    meta_file.write_text(json.dumps({**meta, "numerics": {**meta["numerics"], "jaxlib": "0.0.1"}}))
     proc = run_app(app_env, "lunarl.train", *SMOKE, f"run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resuming from checkpoint at iteration 10" in proc.stdout
+    changed = [line for line in proc.stdout.splitlines() if "another machine or install" in line]
+    assert changed == [
+        f"iteration 10 was saved on another machine or install (jaxlib 0.0.1 -> {meta['numerics']['jaxlib']}); "
+        "the run continues, but will not end bit-identical to one that never stopped (lunarl.run.numerics)"
+    ]
     _, resumed = restore_final(run_dir / "checkpoints")
     _, uninterrupted = restore_final(finished_run / "checkpoints")
     a, b = jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)

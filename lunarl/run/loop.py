@@ -25,6 +25,7 @@ from lunarl.run.distributed import any_process, is_primary, select_devices, to_h
 from lunarl.run.evaluation import eval_keys, eval_row, make_evaluator
 from lunarl.run.logger import RunLogger
 from lunarl.run.metrics import first_bad_metric, reduce_chunk
+from lunarl.run.numerics import describe_change, numerics_fingerprint
 from lunarl.run.placement import Placement
 from lunarl.run.population import PopulationRun
 from lunarl.run.programs import abstract_state, init_state, make_chunk, seed_keys
@@ -65,9 +66,13 @@ class _Run:
     run_dir: Path | None = None
     videos: VideoRecorder | None = None  # when run.video_every > 0
     population: PopulationRun | None = None  # with population.*: the rows are members x seeds
+    numerics: Mapping[str, str] | None = None  # lunarl.run.numerics: saved with every checkpoint
 
     def meta(self, iteration: int) -> dict[str, Any]:
         return {"iteration": iteration, "global_step": iteration * self.plan.steps_per_iteration}
+
+    def checkpoint_meta(self, iteration: int) -> dict[str, Any]:
+        return {**self.meta(iteration), "numerics": dict(self.numerics or {})}
 
 
 def train(
@@ -90,7 +95,7 @@ def train(
     videos = VideoRecorder(agent, env, plan.agent_config, cfg.run.video_format) if cfg.run.video_every else None
     if placement is None:
         placement = Placement.for_run(plan.num_rows, plan.agent_config.num_envs, select_devices(cfg.run.devices))
-    run = _Run(plan, env, agent, placement, ckpts, logger, config, run_dir, videos, population)
+    run = _Run(plan, env, agent, placement, ckpts, logger, config, run_dir, videos, population, numerics_fingerprint())
     try:
         ts, iteration = _resume_or_init(run)
         # Only now (a refused resume must not touch it): the config as it runs, resolved.
@@ -122,7 +127,7 @@ def train(
                 if population is not None:  # PBT, when due: after the evaluation, before the checkpoint
                     ts = population.after_evaluation(ts, iteration, total, run.meta(iteration), logger.print)
                 if iteration % cfg.run.checkpoint_every == 0 or last or stopping:
-                    ckpts.save(iteration, ts, config, run.meta(iteration))
+                    ckpts.save(iteration, ts, config, run.checkpoint_meta(iteration))
                 if stopping and not last:
                     status = "interrupted"
                     break
@@ -185,6 +190,12 @@ def _resume_or_init(run: _Run) -> tuple[Any, int]:
         f"resuming from checkpoint at iteration {start} (env step {meta['global_step']:,}) "
         f"in {run.ckpts.where}" + (f"; dropped {dropped} metric rows logged after it" if dropped else "")
     )
+    change = describe_change(meta.get("numerics"), run.numerics or {})
+    if change:
+        run.logger.print(
+            f"iteration {start} was saved on another machine or install ({change}); the run continues, "
+            "but will not end bit-identical to one that never stopped (lunarl.run.numerics)"
+        )
     return ts, start
 
 
@@ -269,9 +280,9 @@ def _evaluate(run: _Run, evaluate: Any, ts: Any, iteration: int) -> None:
         _record_video(run, ts, iteration)
     if cfg.checkpoint.keep_best:
         try:
-            run.ckpts.save_best(iteration, ts, run.config, meta, row["eval/episode_return"])
+            run.ckpts.save_best(iteration, ts, run.config, run.checkpoint_meta(iteration), row["eval/episode_return"])
         except CheckpointDamaged as e:  # the saved best cannot be read back to compare with
             moved = run.ckpts.quarantine("best", e.step)
             run.logger.print(f"{e}; moved it to {moved}")
-            run.ckpts.save_best(iteration, ts, run.config, meta, row["eval/episode_return"])
+            run.ckpts.save_best(iteration, ts, run.config, run.checkpoint_meta(iteration), row["eval/episode_return"])
 
