@@ -32,6 +32,7 @@ from conftest import REPO, assert_same_state, final_state, run_app
 
 from lunarl.run import cli
 from lunarl.run.checkpoint import CheckpointDamaged, Checkpoints, state_digest
+from lunarl.run.numerics import describe_change, numerics_fingerprint
 from lunarl.run.schema import TrainSchema
 
 pytestmark = pytest.mark.timeout(900)
@@ -250,6 +251,21 @@ def test_a_relative_checkpoint_dir_saves_and_restores(tmp_path, monkeypatch):
     again.close()
     np.testing.assert_array_equal(restored["w"], state["w"])
     assert meta["iteration"] == 3 and config["seed"] == 0
+
+
+def test_the_numerics_fingerprint_names_what_changed_and_stays_quiet_otherwise():
+    """A checkpoint written on another stack is named in one line (what changed, old -> new); the
+    same stack, or a checkpoint from before lunarl recorded one, gives no line."""
+    now = numerics_fingerprint()
+    assert {"jax", "jaxlib", "flax", "optax", "numpy", "backend", "device", "cpu"} <= set(now)
+    assert now["jax"] == jax.__version__ and now["backend"] == jax.default_backend()
+    assert json.loads(json.dumps(now)) == now  # saved in the checkpoint's JSON meta
+    assert describe_change(now, now) is None and describe_change(None, now) is None
+    older = {**now, "jaxlib": "0.4.1", "cpu": "Other CPU"}
+    del older["optax"]
+    assert describe_change(older, now) == (
+        f"jaxlib 0.4.1 -> {now['jaxlib']}; optax unrecorded -> {now['optax']}; cpu Other CPU -> {now['cpu']}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
