@@ -66,13 +66,14 @@ class _Run:
     run_dir: Path | None = None
     videos: VideoRecorder | None = None  # when run.video_every > 0
     population: PopulationRun | None = None  # with population.*: the rows are members x seeds
-    numerics: Mapping[str, str] | None = None  # lunarl.run.numerics: saved with every checkpoint
+    # lunarl.run.numerics: the stack this process computes on, saved with every checkpoint
+    numerics: Mapping[str, str] = dataclasses.field(default_factory=numerics_fingerprint)
 
     def meta(self, iteration: int) -> dict[str, Any]:
         return {"iteration": iteration, "global_step": iteration * self.plan.steps_per_iteration}
 
     def checkpoint_meta(self, iteration: int) -> dict[str, Any]:
-        return {**self.meta(iteration), "numerics": dict(self.numerics or {})}
+        return {**self.meta(iteration), "numerics": dict(self.numerics)}
 
 
 def train(
@@ -95,7 +96,7 @@ def train(
     videos = VideoRecorder(agent, env, plan.agent_config, cfg.run.video_format) if cfg.run.video_every else None
     if placement is None:
         placement = Placement.for_run(plan.num_rows, plan.agent_config.num_envs, select_devices(cfg.run.devices))
-    run = _Run(plan, env, agent, placement, ckpts, logger, config, run_dir, videos, population, numerics_fingerprint())
+    run = _Run(plan, env, agent, placement, ckpts, logger, config, run_dir, videos, population)
     try:
         ts, iteration = _resume_or_init(run)
         # Only now (a refused resume must not touch it): the config as it runs, resolved.
@@ -190,7 +191,7 @@ def _resume_or_init(run: _Run) -> tuple[Any, int]:
         f"resuming from checkpoint at iteration {start} (env step {meta['global_step']:,}) "
         f"in {run.ckpts.where}" + (f"; dropped {dropped} metric rows logged after it" if dropped else "")
     )
-    change = describe_change(meta.get("numerics"), run.numerics or {})
+    change = describe_change(meta.get("numerics"), run.numerics)
     if change:
         run.logger.print(
             f"iteration {start} was saved on another machine or install ({change}); the run continues, "
