@@ -21,6 +21,7 @@ train: $(STAMP)
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
+	$(PY) -m lunarl.run.numerics
 	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(ARGS)
 
 test-all: $(STAMP)

@@ -63,3 +63,8 @@ def describe_change(saved: Mapping[str, str] | None, now: Mapping[str, str]) -> 
         return None
     changed = [f"{key} {saved.get(key, 'unrecorded')} -> {value}" for key, value in now.items() if saved.get(key) != value]
     return "; ".join(changed) or None
+
+
+if __name__ == "__main__":
+    # `make test` prints this first, so a failure seen on one machine only can be traced to it.
+    print("numerics: " + "; ".join(f"{key} {value}" for key, value in numerics_fingerprint().items()))
