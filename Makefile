@@ -4,12 +4,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test test-all lint bench clean-venv
+.PHONY: train test test-all lint bench lock clean-venv
 
-$(STAMP): pyproject.toml
+# The install is pinned to constraints.txt, so every machine gets the versions the suite last
+# passed with (newer releases can change floats, and the Dreamer car runs amplify them);
+# CONSTRAINTS= installs the newest versions pyproject.toml allows instead.
+CONSTRAINTS ?= constraints.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $(STAMP)
 
 train: $(STAMP)
@@ -33,6 +38,19 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_envs.py
 	$(PY) scripts/bench_ppo.py
+
+# Rewrites constraints.txt from a fresh venv at the newest versions pyproject.toml allows; run
+# `make test` after it and commit both together.
+LOCK_VENV := $(VENV)-lock
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[dev]"
+	{ echo "# The versions make test and make train install (pip -c constraints.txt), the ones"; \
+	  echo "# the suite last passed with. Written by make lock (a fresh venv at the newest"; \
+	  echo "# versions pyproject.toml allows); make test CONSTRAINTS= installs without it."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --exclude-editable; } > constraints.txt
+	rm -rf $(LOCK_VENV)
 
 clean-venv:
 	rm -rf $(VENV)
