@@ -843,8 +843,9 @@ def test_imagine_noise_corr_correlates_the_imagined_noise_and_at_zero_is_the_ind
 
 
 def _probe_diagnosis(nets, wm_params, actor_params, critic_params, start, rng, kw, metrics) -> str:
-    """Where a probe check fails: which stage first holds a non-finite value, and how far the
-    candidates' latents stray from the plan's (for a failure on one machine only)."""
+    """Why a probe check failed: the non-finite values in each stage, the imagined steps whose
+    latents hold any, and how far the candidates' latents stray from the plan's (for a failure
+    seen on one machine only)."""
     feats, actions = jax.jit(lambda wp, ap: probe.probe_rollouts(nets.world_model, wp, nets.actor, ap, start, rng, **kw))(
         wm_params, actor_params)  # fmt: skip
     reward_logits, cont_logit = nets.world_model.apply(wm_params, feats[1:], method=WorldModelNet.reward_and_cont)
@@ -898,8 +899,9 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
 
     loss_kw = dict(**kw, gamma=cfg.gamma, lam=cfg.lam, twohot=nets.twohot)
 
-    # Compiled as training compiles it, not ``fast_jit``: the check below is bit-for-bit (every
-    # candidate must round exactly as the plan does), which XLA's lowest level does not promise.
+    # Compiled as training compiles it, not with ``fast_jit``: the check below is bit-for-bit (every
+    # candidate must round as the plan does), and one CI machine read a NaN gain in it at XLA's
+    # lowest level (not reproduced on the development machine).
     @jax.jit  # margin and min_end traced: one compile for every case below
     def loss_and_grad(wp, ap, cont, margin, min_end):
         return jax.value_and_grad(probe.probe_loss, has_aux=True)(
