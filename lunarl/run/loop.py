@@ -280,10 +280,11 @@ def _evaluate(run: _Run, evaluate: Any, ts: Any, iteration: int) -> None:
     if run.videos is not None and (iteration % cfg.run.video_every == 0 or iteration >= run.plan.total_iterations):
         _record_video(run, ts, iteration)
     if cfg.checkpoint.keep_best:
+        best_meta, score = run.checkpoint_meta(iteration), row["eval/episode_return"]
         try:
-            run.ckpts.save_best(iteration, ts, run.config, run.checkpoint_meta(iteration), row["eval/episode_return"])
+            run.ckpts.save_best(iteration, ts, run.config, best_meta, score)
         except CheckpointDamaged as e:  # the saved best cannot be read back to compare with
             moved = run.ckpts.quarantine("best", e.step)
             run.logger.print(f"{e}; moved it to {moved}")
-            run.ckpts.save_best(iteration, ts, run.config, run.checkpoint_meta(iteration), row["eval/episode_return"])
+            run.ckpts.save_best(iteration, ts, run.config, best_meta, score)
 
