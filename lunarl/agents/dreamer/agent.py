@@ -158,6 +158,14 @@ class DreamerConfig(AgentConfig):
     probe_min_end: float = bounded(
         0.0, 0.0, 1.0, "probe only starts whose plan imagines an episode end with at least this probability (0 = all)"
     )
+    lookahead: bool = bounded(
+        False, doc="act through an imagined search: take a held action where it beats the actor's plan (probe.py)"
+    )
+    lookahead_steps: int = bounded(8, 1, None, "steps each act-time candidate holds its action at +-1")
+    lookahead_margin: float = bounded(0.05, 0.0, None, "normalised gain over the plan a held action needs to be taken")
+    lookahead_min_end: float = bounded(
+        0.1, 0.0, 1.0, "search only where the plan imagines an episode end with at least this probability"
+    )
     slow_critic_rate: float = bounded(0.02, 0.0, 1.0)
     actor_ema_rate: float = bounded(
         0.0, 0.0, 1.0, "EMA rate per update of the actor that evaluation uses (0 = the live actor)"
@@ -185,6 +193,10 @@ class DreamerConfig(AgentConfig):
         if self.probe_scale > 0 and self.probe_steps > self.horizon:
             raise ValueError(
                 f"DreamerConfig.probe_steps={self.probe_steps} must not exceed horizon={self.horizon}"
+            )
+        if self.lookahead and self.lookahead_steps > self.horizon:
+            raise ValueError(
+                f"DreamerConfig.lookahead_steps={self.lookahead_steps} must not exceed horizon={self.horizon}"
             )
         if self.updates_per_iteration < 1:
             raise ValueError(
@@ -371,22 +383,33 @@ def _initial_carry(env: LunarEnv, cfg: DreamerConfig, batch_size: int) -> dict[s
     return carry
 
 
+def _search_params(ts: TrainState) -> dict[str, Any]:
+    """What the act-time search scores with (``lookahead``): the critic and the return scale."""
+    if not ts.cfg.lookahead:
+        return {}
+    return {"critic": ts.params["critic"], "return_scale": ts.return_norm.scale(ts.cfg.return_norm_limit)}
+
+
 def policy_params(ts: TrainState) -> dict[str, Any]:
     """The policy that evaluation, videos and exports run: the world model (to filter the latent)
-    and the actor, its EMA copy when ``actor_ema_rate > 0``."""
-    return {"world_model": ts.params["world_model"], "actor": ts.params.get("actor_ema", ts.params["actor"])}
+    and the actor, its EMA copy when ``actor_ema_rate > 0`` (with ``lookahead``, what the search
+    scores with too)."""
+    actor = ts.params.get("actor_ema", ts.params["actor"])
+    return {"world_model": ts.params["world_model"], "actor": actor, **_search_params(ts)}
 
 
 def _acting_params(ts: TrainState) -> dict[str, Any]:
     """What collection acts with: always the live actor, so the EMA changes no training data."""
-    return {"world_model": ts.params["world_model"], "actor": ts.params["actor"]}
+    return {"world_model": ts.params["world_model"], "actor": ts.params["actor"], **_search_params(ts)}
 
 
 def make_policy(env: LunarEnv, cfg: DreamerConfig) -> Policy:
     """Dreamer's ``Policy``: the carry is the filtered latent and the previous action.
 
     ``deterministic`` acts with the actor's mean; the latent is sampled either way (the actor was
-    trained on sampled latents), from ``rng``, so evaluation is reproducible.
+    trained on sampled latents), from ``rng``, so evaluation is reproducible. With ``lookahead``,
+    where the search finds a held action that beats the plan ahead of an imagined episode end,
+    that action is taken instead, in training and evaluation alike.
     """
     n = nets(env, cfg)
     wm, classes, rho = n.world_model, cfg.dims.classes, cfg.collect_noise_corr
@@ -410,6 +433,14 @@ def make_policy(env: LunarEnv, cfg: DreamerConfig) -> Policy:
             new_carry["noise"] = noise
         sampled, _ = behavior.sample_action(k_action, mean, std, noise)
         action = jnp.where(deterministic, mean, sampled)
+        if cfg.lookahead:
+            held, take = probe.lookahead_action(
+                wm, wp, n.actor, params["actor"], n.critic, params["critic"], Latent(deter, stoch),
+                params["return_scale"], jax.random.fold_in(rng, 2), horizon=cfg.horizon,
+                hold_steps=cfg.lookahead_steps, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
+                twohot=n.twohot, margin=cfg.lookahead_margin, min_end=cfg.lookahead_min_end,
+            )  # fmt: skip
+            action = jnp.where(take[:, None], held, action)
         return action, {**new_carry, "action": action}
 
     return Policy(initial_carry=lambda batch_size: _initial_carry(env, cfg, batch_size), act=act)

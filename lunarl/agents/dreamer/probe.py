@@ -76,6 +76,76 @@ def probe_rollouts(
     return jnp.concatenate([feats, last.feat[None]], axis=0), actions
 
 
+def candidate_gains(
+    wm: WorldModelNet,
+    wm_params: Any,
+    actor: ActorNet,
+    actor_params: Any,
+    critic: CriticNet,
+    critic_params: Any,
+    start: Latent,
+    scale: jax.Array,
+    rng: jax.Array,
+    *,
+    horizon: int,
+    hold_steps: int,
+    unimix: float,
+    gamma: float,
+    lam: float,
+    twohot: TwoHot,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Roll out and score the candidates: (features [H+1, K, N, F], actions [H, K, N, A], each
+    candidate's lambda-return at the start over the plan's, divided by ``scale`` [K, N] (row 0 is
+    0), the plan's largest imagined probability of an episode end over its steps [N])."""
+    if not 1 <= hold_steps <= horizon:
+        raise ValueError(f"probe: hold_steps={hold_steps} must be in [1, horizon={horizon}]")
+    feats, actions = probe_rollouts(
+        wm, wm_params, actor, actor_params, start, rng, horizon=horizon, hold_steps=hold_steps, unimix=unimix
+    )
+    reward_logits, cont_logit = wm.apply(wm_params, feats[1:], method=WorldModelNet.reward_and_cont)
+    value = twohot.decode(critic.apply(critic_params, feats))
+    cont = jax.nn.sigmoid(cont_logit)  # [H, K, N]
+    returns = lambda_returns(twohot.decode(reward_logits), cont, value, gamma, lam)
+    score = returns[0] / scale  # [K, N]
+    plan_end = jnp.max(1.0 - cont[:, 0], axis=0)  # [N]
+    return feats, actions, score - score[0], plan_end
+
+
+def lookahead_action(
+    wm: WorldModelNet,
+    wm_params: Any,
+    actor: ActorNet,
+    actor_params: Any,
+    critic: CriticNet,
+    critic_params: Any,
+    start: Latent,
+    scale: jax.Array,
+    rng: jax.Array,
+    *,
+    horizon: int,
+    hold_steps: int,
+    unimix: float,
+    gamma: float,
+    lam: float,
+    twohot: TwoHot,
+    margin: float,
+    min_end: float,
+) -> tuple[jax.Array, jax.Array]:
+    """The act-time search (``DreamerConfig.lookahead``): from the filtered latents ``start``
+    (leaves [N, ...]), (the best candidate's first action [N, A], whether to take it [N]): where
+    the plan imagines an episode end with probability at least ``min_end`` and a held action
+    beats it by more than ``margin``. Re-planned every step, so a swerve is held for as long as
+    it keeps winning."""
+    _, actions, gain, plan_end = candidate_gains(
+        wm, wm_params, actor, actor_params, critic, critic_params, start, scale, rng, horizon=horizon,
+        hold_steps=hold_steps, unimix=unimix, gamma=gamma, lam=lam, twohot=twohot,
+    )  # fmt: skip
+    best = jnp.argmax(gain, axis=0)  # [N]
+    best_gain = jnp.take_along_axis(gain, best[None], axis=0)[0]
+    first = jnp.take_along_axis(actions[0], best[None, :, None], axis=0)[0]  # [N, A]
+    return first, (best_gain > margin) & (plan_end >= min_end)
+
+
 def probe_loss(
     actor_params: Any,
     wm: WorldModelNet,
@@ -103,22 +173,13 @@ def probe_loss(
     ``min_end``: distil only starts whose plan imagines an episode end at some step with at
     least this probability (0: every start)."""
     chex.assert_rank(start_cont, 1)
-    if not 1 <= hold_steps <= horizon:
-        raise ValueError(f"probe_loss: hold_steps={hold_steps} must be in [1, horizon={horizon}]")
     sg = jax.lax.stop_gradient
-    frozen = sg(actor_params)
-    feats, actions = probe_rollouts(
-        wm, wm_params, actor, frozen, start, rng, horizon=horizon, hold_steps=hold_steps, unimix=unimix
-    )
-    reward_logits, cont_logit = wm.apply(wm_params, feats[1:], method=WorldModelNet.reward_and_cont)
-    value = twohot.decode(critic.apply(critic_params, feats))
-    cont = jax.nn.sigmoid(cont_logit)  # [H, K, N]
-    returns = lambda_returns(twohot.decode(reward_logits), cont, value, gamma, lam)
-    score = returns[0] / scale  # [K, N]
-    gain = score - score[0]
+    feats, actions, gain, plan_end = candidate_gains(
+        wm, wm_params, actor, sg(actor_params), critic, critic_params, start, scale, rng, horizon=horizon,
+        hold_steps=hold_steps, unimix=unimix, gamma=gamma, lam=lam, twohot=twohot,
+    )  # fmt: skip
     best = jnp.argmax(gain, axis=0)  # [N]; 0 (the plan) where nothing beats it
     best_gain = jnp.take_along_axis(gain, best[None], axis=0)[0]
-    plan_end = jnp.max(1.0 - cont[:, 0], axis=0)  # [N]
     improved = (best_gain > margin) & (start_cont > 0.5) & (plan_end >= min_end)
 
     # The best candidate's first hold_steps latents and actions: [hold_steps, N, ...].
