@@ -7,6 +7,7 @@ fit a CPU budget; the learning checks that need minutes are marked ``slow``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -846,8 +847,8 @@ def _probe_diagnosis(nets, wm_params, actor_params, critic_params, start, rng, k
     """Why a probe check failed: the non-finite values in each stage, the imagined steps whose
     latents hold any, and how far the candidates' latents stray from the plan's (for a failure
     seen on one machine only)."""
-    feats, actions = jax.jit(lambda wp, ap: probe.probe_rollouts(nets.world_model, wp, nets.actor, ap, start, rng, **kw))(
-        wm_params, actor_params)  # fmt: skip
+    feats, actions = jax.jit(lambda wp, ap, st, r: probe.probe_rollouts(nets.world_model, wp, nets.actor, ap, st, r, **kw))(
+        wm_params, actor_params, start, rng)  # fmt: skip
     reward_logits, cont_logit = nets.world_model.apply(wm_params, feats[1:], method=WorldModelNet.reward_and_cont)
     stages = {
         "feats": feats, "actions": actions, "reward_logits": reward_logits, "cont_logit": cont_logit,
@@ -883,8 +884,12 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
 
     held = np.asarray(probe.probe_actions(a))
     assert held.shape == (1 + 2 * a, a) and not held[0].any()
-    feats, actions = fast_jit(lambda wp, ap: probe.probe_rollouts(nets.world_model, wp, nets.actor, ap, start, rng, **kw))(
-        wm_params, actor_params)  # fmt: skip
+    # Every array enters the compiled functions below as an argument, none closed over: XLA:CPU
+    # (jax 0.10.2) sometimes compiled this check with the critic's parameters embedded as
+    # constants into code that returned NaN (about 8 of 100 compiles on a loaded machine, 0 of
+    # 100 with the same arrays as arguments; scripts/results/xla_cpu_notes.md).
+    rollouts = fast_jit(lambda wp, ap, st, r: probe.probe_rollouts(nets.world_model, wp, nets.actor, ap, st, r, **kw))
+    feats, actions = rollouts(wm_params, actor_params, start, rng)
     feats, actions = np.asarray(feats), np.asarray(actions)
     assert feats.shape == (horizon + 1, 1 + 2 * a, n, d.deter + d.stoch_size) and actions.shape == (horizon, 1 + 2 * a, n, a)
     np.testing.assert_array_equal(feats[0], np.broadcast_to(np.asarray(start.feat), feats[0].shape))
@@ -900,13 +905,15 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
     loss_kw = dict(**kw, gamma=cfg.gamma, lam=cfg.lam, twohot=nets.twohot)
 
     # Compiled as training compiles it, not with ``fast_jit``: the check below is bit-for-bit (every
-    # candidate must round as the plan does), and one CI machine read a NaN gain in it at XLA's
-    # lowest level (not reproduced on the development machine).
+    # candidate must round as the plan does).
     @jax.jit  # margin and min_end traced: one compile for every case below
-    def loss_and_grad(wp, ap, cont, margin, min_end):
+    def loss_and_grad_of(wp, ap, cp, st, r, cont, margin, min_end):
         return jax.value_and_grad(probe.probe_loss, has_aux=True)(
-            ap, nets.world_model, wp, nets.actor, nets.critic, critic_params, start, cont, jnp.float32(1.0), rng,
+            ap, nets.world_model, wp, nets.actor, nets.critic, cp, st, cont, jnp.float32(1.0), r,
             margin=margin, min_end=min_end, **loss_kw)  # fmt: skip
+
+    def loss_and_grad(wp, ap, cont, margin, min_end):
+        return loss_and_grad_of(wp, ap, critic_params, start, rng, cont, margin, min_end)
 
     # No action reaches the dynamics: one shared draw per start makes every candidate the plan.
     kernel = wm_params["params"]["img_in"]["Dense_0"]["kernel"]
@@ -941,10 +948,58 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
     ts = dreamer.init(jax.random.PRNGKey(0), env, on)
     ts = ts.replace(params={**ts.params, "world_model": wm_params})
     on_nets = dreamer.nets(env, on)
-    new, _, _, m = fast_jit(lambda p, o, r: dreamer.update(on_nets, on, p, o, r, seq, jax.random.PRNGKey(4)))(
-        ts.params, ts.opt_state, ts.return_norm)  # fmt: skip
+    new, _, _, m = fast_jit(lambda p, o, r, sq: dreamer.update(on_nets, on, p, o, r, sq, jax.random.PRNGKey(4)))(
+        ts.params, ts.opt_state, ts.return_norm, seq)  # fmt: skip
     assert {"probe/improved", "probe/gain"} <= set(m) and 0.0 < float(m["probe/improved"]) <= 1.0
     assert np.all(np.isfinite(ravel_pytree(new["actor"])[0]))
+
+
+def test_lookahead_takes_a_held_action_only_where_it_beats_the_plan_ahead_of_an_imagined_end(
+    env, trained_world_model, collected
+):
+    """``lookahead``: the policy scores the probes' candidates from its filtered latent and takes
+    the best held action (one dimension at +-1, the others the actor's mean) only where it beats
+    the plan by the margin and the plan imagines an episode end; otherwise it acts exactly as
+    without the search. Its parameters carry the critic and the return scale; collection runs
+    through it."""
+    wm_params, _ = trained_world_model
+    small = dict(num_envs=NUM_ENVS, episode_length=200, unroll_length=4, batch_size=4, seq_len=8, horizon=6,
+                 buffer_size=NUM_ENVS * 16, prefill=0, lookahead_steps=4, lookahead_min_end=0.0)  # fmt: skip
+    on = dreamer.DreamerConfig.build(**small, lookahead=True, lookahead_margin=0.0)
+    ts = dreamer.init(jax.random.PRNGKey(0), env, on)
+    ts = ts.replace(params={**ts.params, "world_model": wm_params})
+    params = dreamer.policy_params(ts)
+    assert {"critic", "return_scale"} <= set(params)
+    assert set(dreamer.policy_params(ts.replace(cfg=dataclasses.replace(on, lookahead=False)))) == {"world_model", "actor"}
+
+    obs = collected[1].replay.data.obs[:4].reshape((-1, env.observation_size))[:32]
+    first = jnp.ones(obs.shape[0], bool)
+
+    def acts(cfg):
+        policy = dreamer.make_policy(env, cfg)
+        act = jax.jit(lambda p, o, f: policy.act(p, o, policy.initial_carry(o.shape[0]), f, jax.random.PRNGKey(5)))
+        return act(params, obs, first)
+
+    plain, _ = acts(dataclasses.replace(on, lookahead=False))
+    searched, carry = acts(on)
+    far, _ = acts(dataclasses.replace(on, lookahead_margin=1e6))
+    never, _ = acts(dataclasses.replace(on, lookahead_min_end=1.0))
+    plain, searched = np.asarray(plain), np.asarray(searched)
+    np.testing.assert_array_equal(np.asarray(far), plain)
+    np.testing.assert_array_equal(np.asarray(never), plain)
+    np.testing.assert_array_equal(np.asarray(carry["action"]), searched)
+    taken = np.any(searched != plain, axis=-1)
+    assert taken.any()
+    for row, base in zip(searched[taken], plain[taken], strict=True):
+        held = np.abs(row) == 1.0
+        assert held.sum() == 1 and np.allclose(row[~held], base[~held], atol=1e-5), (row, base)
+    with pytest.raises(ValueError, match="lookahead_steps"):
+        dreamer.DreamerConfig.build(lookahead=True, lookahead_steps=20, horizon=15)
+
+    # Collection acts through it: finite actions in [-1, 1], some of them held at a limit.
+    _, _, _, rows, _ = jax.jit(dreamer.collect)(ts, jax.random.PRNGKey(6))
+    actions = np.asarray(rows.action)
+    assert np.all(np.isfinite(actions)) and np.all(np.abs(actions) <= 1.0)
 
 
 def test_prefill_hold_keeps_each_uniform_prefill_action_for_hold_steps_on_average(env):
