@@ -323,14 +323,14 @@ def test_is_first_resets_the_latent_in_training_and_acting(env, cfg, collected):
     # Two histories that differ only before step k.
     other = seq.replace(obs=seq.obs.at[:k].add(0.5), next_obs=seq.next_obs.at[:k].add(0.5),
                         action=seq.action.at[:k].multiply(-1.0))  # fmt: skip
-    run = fast_jit(lambda s: observe(net, params, s, jax.random.PRNGKey(5), cfg.unimix))
-    a, b = run(seq.replace(is_first=flags)), run(other.replace(is_first=flags))
+    run = fast_jit(lambda p, s: observe(net, p, s, jax.random.PRNGKey(5), cfg.unimix))  # params as an argument
+    a, b = run(params, seq.replace(is_first=flags)), run(params, other.replace(is_first=flags))
     np.testing.assert_array_equal(a.latent.deter[k:], b.latent.deter[k:])
     np.testing.assert_array_equal(a.post[k:], b.post[k:])
     assert not np.array_equal(a.latent.deter[k - 1], b.latent.deter[k - 1])
     # Without the flag the histories leak through.
     no_flag = jnp.zeros_like(flags)
-    c, d = run(seq.replace(is_first=no_flag)), run(other.replace(is_first=no_flag))
+    c, d = run(params, seq.replace(is_first=no_flag)), run(params, other.replace(is_first=no_flag))
     assert not np.array_equal(c.latent.deter[k], d.latent.deter[k])
 
     # Acting: a carry is replaced by the reset carry wherever is_first, whatever it held.

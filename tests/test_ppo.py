@@ -127,8 +127,9 @@ def test_truncation_bootstraps_from_final_observation(env, cfg):
     np.testing.assert_array_equal(final[:-1][done[:-1] == 0], obs[1:][done[:-1] == 0])
     assert not np.allclose(final[4], obs[5])
 
-    value = jax.jit(lambda o: ppo._network(never, cfg5).apply(ts.params, o, method=ppo.ActorCritic.value))
-    values, final_values = np.asarray(value(batch.obs)), np.asarray(value(batch.final_obs))
+    # Parameters as an argument, not closed over (scripts/results/xla_cpu_notes.md: all-zero ones).
+    value = jax.jit(lambda p, o: ppo._network(never, cfg5).apply(p, o, method=ppo.ActorCritic.value))
+    values, final_values = np.asarray(value(ts.params, batch.obs)), np.asarray(value(ts.params, batch.final_obs))
     adv, _ = ppo.compute_gae(
         batch.reward, jnp.asarray(values), jnp.asarray(final_values), batch.done, batch.truncation, 0.99, 0.95
     )
