@@ -434,13 +434,14 @@ def make_policy(env: LunarEnv, cfg: DreamerConfig) -> Policy:
         sampled, _ = behavior.sample_action(k_action, mean, std, noise)
         action = jnp.where(deterministic, mean, sampled)
         if cfg.lookahead:
-            held, take = probe.lookahead_action(
+            # Re-planned every step, so a swerve is held for as long as it keeps winning.
+            search = probe.candidate_search(
                 wm, wp, n.actor, params["actor"], n.critic, params["critic"], Latent(deter, stoch),
                 params["return_scale"], jax.random.fold_in(rng, 2), horizon=cfg.horizon,
                 hold_steps=cfg.lookahead_steps, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
                 twohot=n.twohot, margin=cfg.lookahead_margin, min_end=cfg.lookahead_min_end,
             )  # fmt: skip
-            action = jnp.where(take[:, None], held, action)
+            action = jnp.where(search.wins[:, None], search.first_action(), action)
         return action, {**new_carry, "action": action}
 
     return Policy(initial_carry=lambda batch_size: _initial_carry(env, cfg, batch_size), act=act)

@@ -18,7 +18,8 @@ some step with at least that probability: a crash ahead), the actor's mean at th
 first ``probe_steps`` latents is pulled toward the held action (squared error; the other
 dimensions' targets are the actor's own means, so only ``j`` moves). Nothing here is
 differentiated through the model or the critic: the probes are a search, and the actor distils
-what it found.
+what it found. With ``DreamerConfig.lookahead`` the policy runs the same search
+(``candidate_search``) from its filtered latent at every step and acts with a winning held action.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from lunarl.agents.dreamer.behavior import ActorNet, CriticNet, lambda_returns
 from lunarl.agents.dreamer.world_model import Latent, TwoHot, WorldModelNet, unimix_logits
@@ -76,7 +78,23 @@ def probe_rollouts(
     return jnp.concatenate([feats, last.feat[None]], axis=0), actions
 
 
-def candidate_gains(
+@struct.dataclass
+class Search:
+    """The scored candidates from N start latents: their rollouts, the best one per start and
+    whether it wins (beats the plan by the margin where the plan imagines an episode end)."""
+
+    feats: jax.Array  # [H+1, K, N, F]
+    actions: jax.Array  # [H, K, N, A]
+    best: jax.Array  # [N]: the best candidate; 0 (the plan) where nothing beats it
+    best_gain: jax.Array  # [N]: its lambda-return at the start over the plan's, / scale
+    wins: jax.Array  # [N] bool
+
+    def first_action(self) -> jax.Array:
+        """The best candidate's first action [N, A]."""
+        return jnp.take_along_axis(self.actions[0], self.best[None, :, None], axis=0)[0]
+
+
+def candidate_search(
     wm: WorldModelNet,
     wm_params: Any,
     actor: ActorNet,
@@ -93,10 +111,13 @@ def candidate_gains(
     gamma: float,
     lam: float,
     twohot: TwoHot,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Roll out and score the candidates: (features [H+1, K, N, F], actions [H, K, N, A], each
-    candidate's lambda-return at the start over the plan's, divided by ``scale`` [K, N] (row 0 is
-    0), the plan's largest imagined probability of an episode end over its steps [N])."""
+    margin: float | jax.Array,
+    min_end: float | jax.Array,
+) -> Search:
+    """Roll out and score the candidates, each by its lambda-return at the start (the model's
+    rewards and continues, the critic's bootstrap) divided by ``scale``. ``min_end``: a held
+    action wins only where the plan imagines an episode end at some step with at least this
+    probability (0: everywhere)."""
     if not 1 <= hold_steps <= horizon:
         raise ValueError(f"probe: hold_steps={hold_steps} must be in [1, horizon={horizon}]")
     feats, actions = probe_rollouts(
@@ -107,43 +128,12 @@ def candidate_gains(
     cont = jax.nn.sigmoid(cont_logit)  # [H, K, N]
     returns = lambda_returns(twohot.decode(reward_logits), cont, value, gamma, lam)
     score = returns[0] / scale  # [K, N]
-    plan_end = jnp.max(1.0 - cont[:, 0], axis=0)  # [N]
-    return feats, actions, score - score[0], plan_end
-
-
-def lookahead_action(
-    wm: WorldModelNet,
-    wm_params: Any,
-    actor: ActorNet,
-    actor_params: Any,
-    critic: CriticNet,
-    critic_params: Any,
-    start: Latent,
-    scale: jax.Array,
-    rng: jax.Array,
-    *,
-    horizon: int,
-    hold_steps: int,
-    unimix: float,
-    gamma: float,
-    lam: float,
-    twohot: TwoHot,
-    margin: float,
-    min_end: float,
-) -> tuple[jax.Array, jax.Array]:
-    """The act-time search (``DreamerConfig.lookahead``): from the filtered latents ``start``
-    (leaves [N, ...]), (the best candidate's first action [N, A], whether to take it [N]): where
-    the plan imagines an episode end with probability at least ``min_end`` and a held action
-    beats it by more than ``margin``. Re-planned every step, so a swerve is held for as long as
-    it keeps winning."""
-    _, actions, gain, plan_end = candidate_gains(
-        wm, wm_params, actor, actor_params, critic, critic_params, start, scale, rng, horizon=horizon,
-        hold_steps=hold_steps, unimix=unimix, gamma=gamma, lam=lam, twohot=twohot,
-    )  # fmt: skip
-    best = jnp.argmax(gain, axis=0)  # [N]
+    gain = score - score[0]
+    best = jnp.argmax(gain, axis=0)
     best_gain = jnp.take_along_axis(gain, best[None], axis=0)[0]
-    first = jnp.take_along_axis(actions[0], best[None, :, None], axis=0)[0]  # [N, A]
-    return first, (best_gain > margin) & (plan_end >= min_end)
+    plan_end = jnp.max(1.0 - cont[:, 0], axis=0)  # [N]
+    wins = (best_gain > margin) & (plan_end >= min_end)
+    return Search(feats=feats, actions=actions, best=best, best_gain=best_gain, wins=wins)
 
 
 def probe_loss(
@@ -174,20 +164,19 @@ def probe_loss(
     least this probability (0: every start)."""
     chex.assert_rank(start_cont, 1)
     sg = jax.lax.stop_gradient
-    feats, actions, gain, plan_end = candidate_gains(
+    search = candidate_search(
         wm, wm_params, actor, sg(actor_params), critic, critic_params, start, scale, rng, horizon=horizon,
-        hold_steps=hold_steps, unimix=unimix, gamma=gamma, lam=lam, twohot=twohot,
+        hold_steps=hold_steps, unimix=unimix, gamma=gamma, lam=lam, twohot=twohot, margin=margin, min_end=min_end,
     )  # fmt: skip
-    best = jnp.argmax(gain, axis=0)  # [N]; 0 (the plan) where nothing beats it
-    best_gain = jnp.take_along_axis(gain, best[None], axis=0)[0]
-    improved = (best_gain > margin) & (start_cont > 0.5) & (plan_end >= min_end)
+    improved = search.wins & (start_cont > 0.5)
 
     # The best candidate's first hold_steps latents and actions: [hold_steps, N, ...].
-    pick = lambda x: jnp.take_along_axis(x[:hold_steps], best[None, None, :, None], axis=1)[:, 0]  # noqa: E731
-    feat, target = sg(pick(feats[:-1])), sg(pick(actions))
+    index = search.best[None, None, :, None]
+    pick = lambda x: jnp.take_along_axis(x[:hold_steps], index, axis=1)[:, 0]  # noqa: E731
+    feat, target = sg(pick(search.feats[:-1])), sg(pick(search.actions))
     mean, _ = actor.apply(actor_params, feat)
     error = jnp.sum(jnp.square(mean - target), axis=-1)  # [hold_steps, N]
     weight = improved.astype(jnp.float32)
     loss = 0.5 * jnp.mean(weight * jnp.mean(error, axis=0))
-    metrics = {"probe/improved": jnp.mean(weight), "probe/gain": jnp.mean(best_gain)}
+    metrics = {"probe/improved": jnp.mean(weight), "probe/gain": jnp.mean(search.best_gain)}
     return loss, metrics
