@@ -3,7 +3,8 @@
 One row per evaluation: env steps, wall-clock minutes since the run started (compile
 included), the latest training return and success rate before that evaluation (stochastic
 policy, finished episodes), and the evaluation's deterministic return and success rate. Also
-reports the first evaluation that reached ``--target`` success.
+reports the first evaluation that reached ``--target`` success: of the seeds' mean, and, for a
+run of several seeds (``num_seeds``), of each seed, since "steps to 90%" is a per-seed question.
 
     python scripts/learning_curve.py runs/2026-11-21/16-05-12 --target 0.9
     python scripts/learning_curve.py RUN_DIR --every 4     # every 4th evaluation
@@ -36,11 +37,29 @@ def read_curve(run_dir: pathlib.Path) -> list[dict]:
                     "eval_return_std": record.get("eval/episode_return_std"),
                     "eval_success": record["eval/success_rate"],
                     "eval_length": record.get("eval/episode_length"),
+                    "seed_eval_success": _per_seed(record, "eval/success_rate"),
                 }
             )
         elif "charts/episode_return" in record:
             last_train = record
     return rows
+
+
+def _per_seed(record: dict, metric: str) -> list[float]:
+    """``seed0/METRIC, seed1/METRIC, ...`` of a run of several seeds; empty for one seed."""
+    values = []
+    while f"seed{len(values)}/{metric}" in record:
+        values.append(record[f"seed{len(values)}/{metric}"])
+    return values
+
+
+def first_reached_per_seed(rows: list[dict], target: float) -> list[int | None]:
+    """Env steps of each seed's first evaluation with success >= ``target`` (None: never)."""
+    num_seeds = len(rows[0]["seed_eval_success"]) if rows else 0
+    return [
+        next((r["env_steps"] for r in rows if r["seed_eval_success"][k] >= target), None)
+        for k in range(num_seeds)
+    ]
 
 
 def _fmt(x: float | None, spec: str) -> str:
@@ -78,8 +97,13 @@ def main() -> None:
             f"\nfirst eval success >= {args.target}: {first['eval_success']:.3f} at "
             f"{first['env_steps']:,} env steps, {first['minutes']:.1f} min"
         )
+    per_seed = first_reached_per_seed(rows, args.target)
+    if per_seed:
+        steps = ", ".join("never" if s is None else f"{s:,}" for s in per_seed)
+        print(f"per seed (first eval success >= {args.target}, env steps): {steps}")
     out = args.out or args.run_dir / "learning_curve.json"
-    out.write_text(json.dumps({"target": args.target, "first_reached": first, "evaluations": rows}, indent=1))
+    report = {"target": args.target, "first_reached": first, "first_reached_per_seed": per_seed, "evaluations": rows}
+    out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
 
 

@@ -174,6 +174,29 @@ def test_learning_curve_script_reads_a_finished_run(finished_run, tmp_path):
     assert proc.returncode != 0 and "no metrics file" in proc.stderr
 
 
+def test_learning_curve_script_reports_each_seeds_first_evaluation_past_the_target(tmp_path):
+    # Two seeds whose mean crosses 0.9 later than seed 1 alone, and seed 0 never does.
+    evals = [(1000, 0.2, 0.5), (2000, 0.5, 0.95), (3000, 0.85, 0.97)]
+    lines = [json.dumps({"global_step": 500, "time": 1.0, "charts/episode_return": -1.0})]
+    for step, s0, s1 in evals:
+        lines.append(json.dumps({
+            "global_step": step, "time": step / 100, "eval/episode_return": 0.0,
+            "eval/success_rate": (s0 + s1) / 2, "seed0/eval/success_rate": s0, "seed1/eval/success_rate": s1,
+        }))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    script = Path(__file__).parents[1] / "scripts" / "learning_curve.py"
+    out = tmp_path / "curve.json"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "--target", "0.9", "--out", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = json.loads(out.read_text())
+    assert curve["first_reached"]["env_steps"] == 3000
+    assert curve["first_reached_per_seed"] == [None, 2000]
+    assert "per seed (first eval success >= 0.9, env steps): never, 2,000" in proc.stdout
+
+
 def test_multirun_gives_each_job_its_own_run_dir(tmp_path, app_env):
     sweep = tmp_path / "sweep"
     args = ["-m", *SMOKE, "seed=0,1", f"run.dir={sweep}", "run.total_env_steps=1280", "run.eval_every=0", "logger.wandb.mode=offline"]
