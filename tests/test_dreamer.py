@@ -1047,9 +1047,9 @@ def test_agent_improves_its_return_on_one_fixed_track(env):
     track = lunarl.envs.make("car_track", track_seed=0)
     experiment = Path(__file__).parents[1] / "conf" / "experiment" / "car_track_dreamer.yaml"
     agent_settings = yaml.safe_load(experiment.read_text())["agent"]
-    agent_settings |= {"train_ratio": 64.0, "actor_ema_rate": 0.004}
+    test_settings = {"num_envs": 16, "episode_length": 300, "prefill": 1024, "buffer_size": 100_000}
     cfg = dreamer.DreamerConfig.build(
-        **{**agent_settings, "num_envs": 16, "episode_length": 300, "prefill": 1024, "buffer_size": 100_000}
+        **{**agent_settings, "train_ratio": 64.0, "actor_ema_rate": 0.004, **test_settings}
     )
     from lunarl.run.evaluation import rollout
 

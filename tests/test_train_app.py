@@ -157,20 +157,21 @@ def test_evaluate_in_a_variant_of_the_saved_env(finished_run, app_env, tmp_path)
     assert json.loads(saved.read_text())["env_overrides"] == {"reward_rock_hit": -10, "num_rocks": 9}
 
 
-def test_learning_curve_script_reads_a_finished_run(finished_run, tmp_path):
+def run_learning_curve(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     script = Path(__file__).parents[1] / "scripts" / "learning_curve.py"
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_learning_curve_script_reads_a_finished_run(finished_run, tmp_path):
     out = tmp_path / "curve.json"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(finished_run), "--target", "0.0", "--out", str(out)],
-        capture_output=True, text=True, timeout=120,
-    )
+    proc = run_learning_curve(str(finished_run), "--target", "0.0", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = json.loads(out.read_text())
     # Evaluations at iterations 10 and 20 of 16 envs x 16 steps.
     assert [row["env_steps"] for row in curve["evaluations"]] == [2560, 5120]
     assert curve["first_reached"]["env_steps"] == 2560  # any success rate is >= 0
     assert "| 0.00 |" in proc.stdout and "first eval success >= 0.0" in proc.stdout
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    proc = run_learning_curve(str(tmp_path), timeout=60)
     assert proc.returncode != 0 and "no metrics file" in proc.stderr
 
 
@@ -184,12 +185,8 @@ def test_learning_curve_script_reports_each_seeds_first_evaluation_past_the_targ
             "eval/success_rate": (s0 + s1) / 2, "seed0/eval/success_rate": s0, "seed1/eval/success_rate": s1,
         }))
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    script = Path(__file__).parents[1] / "scripts" / "learning_curve.py"
     out = tmp_path / "curve.json"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "--target", "0.9", "--out", str(out)],
-        capture_output=True, text=True, timeout=60,
-    )
+    proc = run_learning_curve(str(tmp_path), "--target", "0.9", "--out", str(out), timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     curve = json.loads(out.read_text())
     assert curve["first_reached"]["env_steps"] == 3000
