@@ -14,7 +14,12 @@ imagination from every posterior latent of the batch, then the slow critic. Unti
 program is the same from the first iteration to the last.
 
 ``updates_per_iteration = train_ratio * env_steps_per_iteration / (batch_size * seq_len)``:
-``train_ratio`` is DreamerV3's replayed steps per env step.
+``train_ratio`` is DreamerV3's replayed steps per env step. With ``train_ratio_ramp > 0`` the
+ratio starts at ``train_ratio_start`` when the prefill ends and rises linearly to ``train_ratio``
+over that many env steps: the scan still runs ``updates_per_iteration`` steps, and those past the
+iteration's share (``active_updates``) leave the parameters as they are. Why: the early updates
+learn from the prefill's random crashes, and more of them per env step left more car seeds with a
+critic that expects every state to end in a crash (scripts/results/dreamer.md, session 23).
 
 Size presets (``size``): ``tiny`` (the CPU default), ``1m`` and ``12m``, after DreamerV3's
 ``size1m``/``size12m`` (deter, hidden, classes, MLP units; 32 categoricals). DreamerV3's newer
@@ -109,6 +114,12 @@ class DreamerConfig(AgentConfig):
     size: str = "tiny"
     unroll_length: int = bounded(16, 1, None, "env steps per env per iteration")
     train_ratio: float = bounded(64.0, 0.0, None, "replayed steps per env step")
+    train_ratio_start: float = bounded(
+        0.0, 0.0, None, "replayed steps per env step when the prefill ends (with train_ratio_ramp > 0)"
+    )
+    train_ratio_ramp: int = bounded(
+        0, 0, None, "env steps after the prefill over which the ratio rises from train_ratio_start to train_ratio (0 = off)"
+    )
     batch_size: int = bounded(16, 1, None, "sequences per update")
     seq_len: int = bounded(32, 2, None, "steps per sequence")
     buffer_size: int = bounded(1_000_000, 1, None, "replay capacity in env steps (all envs)")
@@ -205,6 +216,11 @@ class DreamerConfig(AgentConfig):
                 f"{self.train_ratio * self.env_steps_per_iteration / (self.batch_size * self.seq_len):.2f}); "
                 "raise train_ratio or unroll_length"
             )
+        if self.train_ratio_ramp > 0 and not 0 < self.train_ratio_start <= self.train_ratio:
+            raise ValueError(
+                f"DreamerConfig.train_ratio_start={self.train_ratio_start} must be in (0, train_ratio="
+                f"{self.train_ratio}] when train_ratio_ramp={self.train_ratio_ramp} > 0"
+            )
         if self.capacity < max(self.seq_len, self.unroll_length):
             raise ValueError(
                 f"DreamerConfig.buffer_size={self.buffer_size} holds {self.capacity} rows of num_envs="
@@ -223,6 +239,16 @@ class DreamerConfig(AgentConfig):
     @property
     def updates_per_iteration(self) -> int:
         return round(self.train_ratio * self.env_steps_per_iteration / (self.batch_size * self.seq_len))
+
+    def active_updates(self, env_steps: jax.Array) -> jax.Array:
+        """Updates of the iteration that ends at ``env_steps`` that change the parameters: all
+        ``updates_per_iteration`` without a ramp, else the ramped ratio's share (at least one)."""
+        if self.train_ratio_ramp == 0:
+            return jnp.asarray(self.updates_per_iteration, jnp.int32)
+        done = jnp.clip((env_steps - self.prefill) / self.train_ratio_ramp, 0.0, 1.0)
+        ratio = self.train_ratio_start + done * (self.train_ratio - self.train_ratio_start)
+        updates = jnp.round(ratio * self.env_steps_per_iteration / (self.batch_size * self.seq_len))
+        return jnp.clip(updates, 1, self.updates_per_iteration).astype(jnp.int32)
 
     @property
     def terminal_windows(self) -> int:
@@ -619,14 +645,16 @@ def update(
 
 
 def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any], behavior.ReturnNorm, dict]:
-    """``updates_per_iteration`` updates, each on a fresh sample of the replay; metrics averaged."""
+    """``active_updates`` updates, each on a fresh sample of the replay; metrics averaged over them."""
     cfg = ts.cfg
+    active = cfg.active_updates(ts.env_steps)
     n = nets(ts.env, cfg)
     lrs = {k: hyperparameter(ts, k) for k in HYPERPARAMETERS}
     if cfg.terminal_windows > 0:
         terminals = terminal_replay.index(ts.replay, ts.replay.data.terminated, cfg.terminal_recent_rows)
 
-    def body(carry: tuple, key: jax.Array) -> tuple[tuple, dict]:
+    def body(carry: tuple, indexed_key: tuple[jax.Array, jax.Array]) -> tuple[tuple, dict]:
+        index, key = indexed_key
         params, opt_state, norm = carry
         k_sample, k_update = jax.random.split(key)
         if cfg.terminal_windows > 0:
@@ -636,13 +664,20 @@ def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any
         # Data parallel (a data mesh axis): each device takes a share of the batch's sequences and
         # XLA all-reduces the gradients, instead of every device running the whole update.
         seq = jax.tree.map(lambda x: split_on_data(x, axis=1), time_major(batch))
-        params, opt_state, norm, metrics = update(n, cfg, params, opt_state, norm, seq, k_update, lrs)
+        new_carry = update(n, cfg, params, opt_state, norm, seq, k_update, lrs)
+        metrics = new_carry[3]
         metrics["replay/terminal_windows"] = jnp.mean(jnp.any(seq.terminated > 0.5, axis=0).astype(jnp.float32))
-        return (params, opt_state, norm), metrics
+        if cfg.train_ratio_ramp > 0:  # the updates past the ramp's share keep the carry
+            new_carry = jax.tree.map(lambda new, old: jnp.where(index < active, new, old), new_carry[:3], carry)
+        return tuple(new_carry[:3]), metrics
 
     keys = jax.random.split(rng, cfg.updates_per_iteration)
-    (params, opt_state, norm), metrics = jax.lax.scan(body, (ts.params, ts.opt_state, ts.return_norm), keys)
-    return params, opt_state, norm, jax.tree.map(jnp.mean, metrics)
+    indices = jnp.arange(cfg.updates_per_iteration)
+    (params, opt_state, norm), metrics = jax.lax.scan(body, (ts.params, ts.opt_state, ts.return_norm), (indices, keys))
+    if cfg.train_ratio_ramp == 0:
+        return params, opt_state, norm, jax.tree.map(jnp.mean, metrics)
+    weights = (indices < active).astype(jnp.float32) / active
+    return params, opt_state, norm, jax.tree.map(lambda m: jnp.tensordot(weights, m, axes=1), metrics)
 
 
 def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -665,7 +700,7 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
     params, opt_state, norm, loss_metrics = jax.lax.cond(ready, learn, skip, ts, k_learn)
     ts = ts.replace(
         params=params, opt_state=opt_state, return_norm=norm, iteration=ts.iteration + 1,
-        gradient_steps=ts.gradient_steps + ready.astype(jnp.int32) * cfg.updates_per_iteration,
+        gradient_steps=ts.gradient_steps + ready.astype(jnp.int32) * cfg.active_updates(env_steps),
     )  # fmt: skip
     metrics = {
         **episode_metrics(stats.done, stats.episode_return, stats.episode_length, stats.success),
