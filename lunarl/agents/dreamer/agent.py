@@ -664,12 +664,11 @@ def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any
         # Data parallel (a data mesh axis): each device takes a share of the batch's sequences and
         # XLA all-reduces the gradients, instead of every device running the whole update.
         seq = jax.tree.map(lambda x: split_on_data(x, axis=1), time_major(batch))
-        new_carry = update(n, cfg, params, opt_state, norm, seq, k_update, lrs)
-        metrics = new_carry[3]
+        *updated, metrics = update(n, cfg, params, opt_state, norm, seq, k_update, lrs)
         metrics["replay/terminal_windows"] = jnp.mean(jnp.any(seq.terminated > 0.5, axis=0).astype(jnp.float32))
         if cfg.train_ratio_ramp > 0:  # the updates past the ramp's share keep the carry
-            new_carry = jax.tree.map(lambda new, old: jnp.where(index < active, new, old), new_carry[:3], carry)
-        return tuple(new_carry[:3]), metrics
+            updated = jax.tree.map(lambda new, old: jnp.where(index < active, new, old), updated, list(carry))
+        return tuple(updated), metrics
 
     keys = jax.random.split(rng, cfg.updates_per_iteration)
     indices = jnp.arange(cfg.updates_per_iteration)
