@@ -101,6 +101,8 @@ SIZES: dict[str, ModelDims] = {
     "12m": ModelDims(deter=2048, hidden=256, stoch=32, classes=16, units=256, layers=2),
 }
 ACTOR_GRADS = ("backprop", "reinforce", "mix")
+#: What ``behavior_reset_at`` restarts: the critic (and its slow copy), or the actor (and its average) too.
+BEHAVIOR_RESETS = ("critic", "actor_critic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +183,10 @@ class DreamerConfig(AgentConfig):
     actor_ema_rate: float = bounded(
         0.0, 0.0, 1.0, "EMA rate per update of the actor that evaluation uses (0 = the live actor)"
     )
+    behavior_reset_at: tuple[int, ...] = bounded(
+        (), 1, None, "env steps after which the behaviour restarts from fresh parameters (behavior_reset says which part)"
+    )
+    behavior_reset: str = bounded("critic", doc="what behavior_reset_at restarts: critic | actor_critic")
     slow_reg: float = bounded(1.0, 0.0, None)
     replay_value_scale: float = bounded(0.0, 0.0, None, "critic loss on replayed latents and real returns (DreamerV3 repval: 0.3)")
     return_norm_rate: float = bounded(0.01, 0.0, 1.0)
@@ -192,6 +198,15 @@ class DreamerConfig(AgentConfig):
             raise ValueError(f"DreamerConfig.size={self.size!r} is not allowed: allowed {sorted(SIZES)}")
         if self.actor_grad not in ACTOR_GRADS:
             raise ValueError(f"DreamerConfig.actor_grad={self.actor_grad!r} is not allowed: allowed {list(ACTOR_GRADS)}")
+        if self.behavior_reset not in BEHAVIOR_RESETS:
+            raise ValueError(
+                f"DreamerConfig.behavior_reset={self.behavior_reset!r} is not allowed: allowed {list(BEHAVIOR_RESETS)}"
+            )
+        if any(at <= self.prefill for at in self.behavior_reset_at):
+            raise ValueError(
+                f"DreamerConfig.behavior_reset_at={list(self.behavior_reset_at)} must lie past prefill={self.prefill}: "
+                "no update runs before it, so the behaviour is still fresh there"
+            )
         if self.actor_min_std >= self.actor_max_std:
             raise ValueError(
                 f"DreamerConfig.actor_min_std={self.actor_min_std} must be below actor_max_std={self.actor_max_std}"
@@ -361,17 +376,9 @@ def init(rng: jax.Array, env: LunarEnv, cfg: DreamerConfig) -> TrainState:
     rng = as_raw_key(rng)
     k_wm, k_actor, k_critic, k_env, k_state = jax.random.split(rng, 5)
     n = nets(env, cfg)
-    d = cfg.dims
     obs = jnp.zeros((1, env.observation_size), jnp.float32)
     wm = n.world_model.init(k_wm, obs, jnp.zeros((1, env.action_size), jnp.float32))
-    feat = jnp.zeros((1, d.feat_size), jnp.float32)
-    actor = n.actor.init(k_actor, feat)
-    critic = n.critic.init(k_critic, feat)
-    # The slow critic starts equal to the critic, in buffers of its own (a donated state cannot
-    # hold one buffer twice).
-    params = {"world_model": wm, "actor": actor, "critic": critic, "slow_critic": jax.tree.map(jnp.copy, critic)}
-    if cfg.actor_ema_rate > 0:
-        params["actor_ema"] = jax.tree.map(jnp.copy, actor)
+    params = {"world_model": wm, **_behavior_params(n, cfg, k_actor, k_critic)}
     opts = _optimizers(cfg)
     return TrainState(
         params=params,
@@ -389,6 +396,40 @@ def init(rng: jax.Array, env: LunarEnv, cfg: DreamerConfig) -> TrainState:
         env=env,
         cfg=cfg,
     )
+
+
+def _behavior_params(n: Nets, cfg: DreamerConfig, k_actor: jax.Array, k_critic: jax.Array) -> dict[str, Any]:
+    """Fresh actor and critic parameters, with the slow critic (and the actor's average) equal to
+    them in buffers of their own (a donated state cannot hold one buffer twice)."""
+    feat = jnp.zeros((1, cfg.dims.feat_size), jnp.float32)
+    actor = n.actor.init(k_actor, feat)
+    critic = n.critic.init(k_critic, feat)
+    params = {"actor": actor, "critic": critic, "slow_critic": jax.tree.map(jnp.copy, critic)}
+    if cfg.actor_ema_rate > 0:
+        params["actor_ema"] = jax.tree.map(jnp.copy, actor)
+    return params
+
+
+def reset_behavior(ts: TrainState, due: jax.Array, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Where ``due``, the critic (``behavior_reset=critic``) or the actor and the critic
+    (``actor_critic``) restart from fresh parameters and fresh optimiser states; the world model,
+    the replay and the return normaliser keep what they learned. Why: a critic fitted to the
+    prefill's crashes can stay pessimistic long after the data holds driving (the primacy bias of
+    Nikishin et al. 2022); a fresh one is refitted on imagination from the current world model.
+    Returns the (params, opt_state) to learn from."""
+    cfg = ts.cfg
+    fresh = _behavior_params(nets(ts.env, cfg), cfg, *jax.random.split(rng))
+    parts = ["critic", "slow_critic"]
+    if cfg.behavior_reset == "actor_critic":
+        parts += ["actor", "actor_ema"]
+    params = {**ts.params, **{k: fresh[k] for k in parts if k in ts.params}}
+    opts = _optimizers(cfg)  # Adam's state does not depend on the learning rates
+    opt_state = {**ts.opt_state, **{k: opts[k].init(params[k]) for k in ("actor", "critic") if k in parts}}
+
+    def pick(new: jax.Array, old: jax.Array) -> jax.Array:
+        return jnp.where(due, new, old)
+
+    return jax.tree.map(pick, params, ts.params), jax.tree.map(pick, opt_state, ts.opt_state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,6 +726,10 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
     rng, k_collect, k_learn = jax.random.split(ts.rng, 3)
     env_state, carry, is_first, rows, stats = collect(ts, k_collect)
     env_steps = ts.env_steps + cfg.env_steps_per_iteration
+    if cfg.behavior_reset_at:  # before this iteration's updates, so they train the fresh parts
+        due = jnp.any(jnp.array([(ts.env_steps < at) & (at <= env_steps) for at in cfg.behavior_reset_at]))
+        params, opt_state = reset_behavior(ts, due, jax.random.fold_in(k_learn, 1))
+        ts = ts.replace(params=params, opt_state=opt_state)
     ts = ts.replace(
         replay=replay_lib.add(ts.replay, rows), env_state=env_state, carry=carry, is_first=is_first,
         env_steps=env_steps, rng=rng,
