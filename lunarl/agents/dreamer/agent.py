@@ -414,9 +414,10 @@ def reset_behavior(ts: TrainState, due: jax.Array, rng: jax.Array) -> tuple[dict
     """Where ``due``, the critic (``behavior_reset=critic``) or the actor and the critic
     (``actor_critic``) restart from fresh parameters and fresh optimiser states; the world model,
     the replay and the return normaliser keep what they learned. Why: a critic fitted to the
-    prefill's crashes can stay pessimistic long after the data holds driving (the primacy bias of
+    prefill's crashes might stay pessimistic after the data holds driving (the primacy bias of
     Nikishin et al. 2022); a fresh one is refitted on imagination from the current world model.
-    Returns the (params, opt_state) to learn from."""
+    On the car the fresh parts relearned the same values within one iteration (off by default;
+    scripts/results/dreamer.md, session 26). Returns the (params, opt_state) to learn from."""
     cfg = ts.cfg
     fresh = _behavior_params(nets(ts.env, cfg), cfg, *jax.random.split(rng))
     parts = ["critic", "slow_critic"]
