@@ -103,6 +103,18 @@ def final_state(run_dir: Path):
     return saved.meta["iteration"], saved.state
 
 
+def adam_counts(opt_state) -> dict[str, int]:
+    """Adam's step count per optimiser of a state dict (key: the optimiser's path, e.g.
+    ``"['critic']"``): how many updates each has applied."""
+    import jax
+
+    return {
+        jax.tree_util.keystr(path[:1]): int(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+        if "count" in jax.tree_util.keystr(path)
+    }
+
+
 def assert_same_state(a, b) -> None:
     """Every leaf of two TrainStates equal bit for bit (the failing leaf's path in the message)."""
     import jax

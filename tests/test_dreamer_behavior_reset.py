@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import fast_jit
+from conftest import adam_counts, assert_same_state, fast_jit
 
 import lunarl
 from lunarl.agents.dreamer import agent as dreamer
@@ -21,16 +21,9 @@ SMALL = dict(
 )  # fmt: skip
 
 
-def _adam_counts(opt_state) -> dict[str, int]:
-    return {
-        jax.tree_util.keystr(path[:1]): int(leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]
-        if "count" in jax.tree_util.keystr(path)
-    }
-
-
-def _same(a, b) -> bool:
-    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+def _differs(a, b) -> bool:
+    """Some leaf of two equally shaped pytrees differs."""
+    return not all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +39,7 @@ def trained(env):
     ts = dreamer.init(jax.random.PRNGKey(0), env, cfg)
     for _ in range(2):  # env steps 16 (prefill), 32 (the first 4 updates)
         ts, _ = step(ts)
-    assert set(_adam_counts(ts.opt_state).values()) == {4}
+    assert set(adam_counts(ts.opt_state).values()) == {4}
     return ts
 
 
@@ -59,17 +52,18 @@ def test_reset_restarts_only_the_named_parts(env, trained, part):
     reset = {"critic", "slow_critic"} | ({"actor", "actor_ema"} if part == "actor_critic" else set())
     for name in params:
         # A fresh part has the shapes of a fresh init and not the trained values; the rest is kept.
-        assert _same(params[name], ts.params[name]) != (name in reset), name
+        assert _differs(params[name], ts.params[name]) == (name in reset), name
         assert jax.tree.map(np.shape, params[name]) == jax.tree.map(np.shape, fresh[name]), name
-    assert _same(params["slow_critic"], params["critic"])
+    assert_same_state(params["slow_critic"], params["critic"])
     if part == "actor_critic":
-        assert _same(params["actor_ema"], params["actor"])
-    counts = _adam_counts(opt_state)
+        assert_same_state(params["actor_ema"], params["actor"])
+    counts = adam_counts(opt_state)
     assert counts["['critic']"] == 0 and counts["['world_model']"] == 4
     assert counts["['actor']"] == (0 if part == "actor_critic" else 4)
     # Not due: everything as it was.
     params, opt_state = dreamer.reset_behavior(ts, np.bool_(False), jax.random.PRNGKey(1))
-    assert _same(params, ts.params) and _same(opt_state, ts.opt_state)
+    assert_same_state(params, ts.params)
+    assert_same_state(opt_state, ts.opt_state)
 
 
 def test_reset_fires_once_before_the_iterations_updates(env):
@@ -88,11 +82,11 @@ def test_reset_fires_once_before_the_iterations_updates(env):
             states.append(ts)
         runs[reset_at] = states
     plain, reset = runs[()], runs[(40,)]
-    assert _same(plain[1].params, reset[1].params)
-    assert _same(plain[2].params["world_model"], reset[2].params["world_model"])
-    assert not _same(plain[2].params["critic"], reset[2].params["critic"])
-    assert [_adam_counts(s.opt_state)["['critic']"] for s in reset] == [0, 4, 4, 8]
-    assert [_adam_counts(s.opt_state)["['actor']"] for s in reset] == [0, 4, 8, 12]
+    assert_same_state(plain[1].params, reset[1].params)
+    assert_same_state(plain[2].params["world_model"], reset[2].params["world_model"])
+    assert _differs(plain[2].params["critic"], reset[2].params["critic"])
+    assert [adam_counts(s.opt_state)["['critic']"] for s in reset] == [0, 4, 4, 8]
+    assert [adam_counts(s.opt_state)["['actor']"] for s in reset] == [0, 4, 8, 12]
 
 
 def test_reset_config_is_checked():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import fast_jit
+from conftest import adam_counts, fast_jit
 
 import lunarl
 from lunarl.agents.dreamer import agent as dreamer
@@ -19,14 +19,6 @@ RAMPED = dict(
     num_envs=4, episode_length=200, unroll_length=4, batch_size=4, seq_len=8, horizon=3, buffer_size=256,
     prefill=32, train_ratio=8.0, train_ratio_start=2.0, train_ratio_ramp=64,
 )  # fmt: skip
-
-
-def _adam_counts(opt_state) -> dict[str, int]:
-    counts = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(opt_state)[0]:
-        if "count" in jax.tree_util.keystr(path):
-            counts[jax.tree_util.keystr(path[:1])] = int(leaf)
-    return counts
 
 
 def test_active_updates_rise_linearly_from_the_start_ratio_after_the_prefill():
@@ -54,7 +46,7 @@ def test_updates_past_the_share_change_nothing_and_are_not_counted():
     assert applied == [0, 1, 3, 5, 8]
     # Every optimiser (world model, actor, critic) took exactly the applied updates: the masked
     # ones left their Adam state as it was.
-    counts = _adam_counts(ts.opt_state)
+    counts = adam_counts(ts.opt_state)
     assert set(counts) >= {"['world_model']", "['actor']", "['critic']"} and set(counts.values()) == {8}
 
 
