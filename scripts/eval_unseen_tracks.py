@@ -2,6 +2,7 @@
 
     python scripts/eval_unseen_tracks.py RUN_DIR [--checkpoint best|latest|ITER]
         [--episodes 1000] [--first-track-seed 1000000] [--out FILE.json] [--live-actor]
+    python scripts/eval_unseen_tracks.py RUN_DIR --checkpoints 24,32,40 [--episodes 256] [--out ...]
 
 What "unseen" means here. With ``env.track_seed=None`` (how car_track trains) ``CarTrack.reset(rng)``
 draws the track from ``rng`` itself, so ``reset(PRNGKey(s))`` drives exactly the track that
@@ -20,6 +21,12 @@ keys); success = a lap completed. Prints and writes the summary
 ``--live-actor``: a Dreamer run with ``agent.actor_ema_rate > 0`` is evaluated with the average of
 its actor (what ``policy_params`` returns); this drives the live actor of the same checkpoint
 instead, with the same world model, so the two can be compared on the same training.
+
+``--checkpoints ITER,ITER,...``: a learning curve. Every listed checkpoint is driven by both
+actors (``evaluated`` and ``live``; the same actor where the run keeps no average) on the same
+tracks, through one compiled program, and the JSON holds one row per checkpoint with each
+actor's success rate and mean return per training seed (the ``bench_dreamer/car_track_unseen_*_pair_*.json``
+files of ``scripts/results/dreamer.md``).
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -80,30 +89,91 @@ def restore_car_run(args: argparse.Namespace, script: str) -> SavedRun | None:
     return saved
 
 
+def parse_iterations(text: str) -> list[int]:
+    """``"24,32,40"`` -> ``[24, 32, 40]``; ``ValueError`` naming the flag otherwise."""
+    try:
+        iterations = [int(part) for part in text.split(",")]
+    except ValueError:
+        iterations = []
+    if not iterations or min(iterations) < 0:
+        raise ValueError(f"--checkpoints={text!r}: expected checkpoint iterations such as 24,32,40")
+    return iterations
+
+
+def held_out_driver(saved: SavedRun, keys: jax.Array) -> Callable[[Any], dict[str, jax.Array]]:
+    """A compiled ``params (leading seed axis) -> rollout results`` on the tracks of ``keys``:
+    each track once, deterministically, for at most the agent's ``episode_length`` steps."""
+    plan, env = saved.plan, saved.env
+    policy = saved.agent.make_policy(env, plan.agent_config)
+    # The act key is unused by the deterministic policy; the reset keys pick the tracks.
+    drive = lambda p: rollout(  # noqa: E731
+        env, policy, p, jax.random.PRNGKey(0), keys.shape[0], plan.agent_config.episode_length, True, reset_keys=keys
+    )
+    return jax.jit(jax.vmap(drive), compiler_options=lunarl.compile_options(env))
+
+
+def evaluate_checkpoints(args: argparse.Namespace, iterations: list[int]) -> int:
+    """``--checkpoints``: each listed checkpoint, by the evaluated and the live actor."""
+    keys = track_keys(args.first_track_seed, args.episodes)
+    rows, drive = [], None
+    for iteration in iterations:
+        saved = restore_car_run(argparse.Namespace(**{**vars(args), "checkpoint": str(iteration)}), "eval_unseen_tracks")
+        if saved is None:
+            return 1
+        drive = drive or held_out_driver(saved, keys)  # one program for every checkpoint and both actors
+        evaluated = jax.vmap(saved.agent.policy_params)(saved.state)
+        # Without an actor average both names drive the same actor (the live one).
+        live = {**evaluated, "actor": saved.state.params["actor"]} if "actor" in evaluated else evaluated
+        row = {"iteration": saved.meta["iteration"], "global_step": saved.meta["global_step"], "episodes": args.episodes}
+        for name, params in (("evaluated", evaluated), ("live", live)):
+            summary = summarize(jax.device_get(drive(params)))
+            row[name] = [round(float(x), 4) for x in np.ravel(summary["success_rate"])]
+            row[f"{name}_return"] = [round(float(x), 4) for x in np.ravel(summary["episode_return"])]
+        rows.append(row)
+        print(
+            f"{row['global_step']:,} env steps: success per seed, evaluated "
+            + " ".join(f"{x:.1%}" for x in row["evaluated"]) + ", live " + " ".join(f"{x:.1%}" for x in row["live"])
+        )
+    report = {
+        "run_dir": str(args.run_dir),
+        "track_seeds": [args.first_track_seed, args.first_track_seed + args.episodes - 1],
+        "deterministic": True,
+        "rows": rows,
+    }
+    out = args.out or args.run_dir / f"eval-unseen-checkpoints-{iterations[0]}-{iterations[-1]}.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"saved {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_arguments(parser, episodes=1000)
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: RUN_DIR/eval-unseen-*.json)")
     parser.add_argument("--live-actor", action="store_true", help="Dreamer with an actor EMA: drive the live actor")
+    parser.add_argument(
+        "--checkpoints", default=None, help="ITER,ITER,...: each of these checkpoints by the evaluated and the live actor"
+    )
     args = parser.parse_args(argv)
+    if args.checkpoints is not None:
+        try:
+            iterations = parse_iterations(args.checkpoints)
+        except ValueError as e:
+            print(f"eval_unseen_tracks: {e}", file=sys.stderr)
+            return 1
+        return evaluate_checkpoints(args, iterations)
 
     saved = restore_car_run(args, "eval_unseen_tracks")
     if saved is None:
         return 1
-    plan, env, agent, meta = saved.plan, saved.env, saved.agent, saved.meta
-    policy = agent.make_policy(env, plan.agent_config)
+    plan, agent, meta = saved.plan, saved.agent, saved.meta
     params = jax.vmap(agent.policy_params)(saved.state)  # leading seed axis
     if args.live_actor:
         if "actor_ema" not in saved.state.params:
             print(f"eval_unseen_tracks: --live-actor needs a Dreamer run with agent.actor_ema_rate > 0 ({args.run_dir})", file=sys.stderr)
             return 1
         params = {**params, "actor": saved.state.params["actor"]}
-    keys = track_keys(args.first_track_seed, args.episodes)
-    # The act key is unused by the deterministic policy; the reset keys pick the tracks.
-    drive = lambda p: rollout(  # noqa: E731
-        env, policy, p, jax.random.PRNGKey(0), args.episodes, plan.agent_config.episode_length, True, reset_keys=keys
-    )
-    result = jax.device_get(jax.jit(jax.vmap(drive), compiler_options=lunarl.compile_options(env))(params))
+    result = jax.device_get(held_out_driver(saved, track_keys(args.first_track_seed, args.episodes))(params))
     summary = summarize(result)
     per_seed = [{k: v[i].item() for k, v in summary.items()} for i in range(plan.cfg.num_seeds)]
     report = {

@@ -1065,3 +1065,28 @@ def test_agent_improves_its_return_on_one_fixed_track(env):
     assert all(np.isfinite(float(v)) for v in metrics.values())
     after = float(evaluate(dreamer.policy_params(ts), jax.random.PRNGKey(1)))
     assert after > before + 3.0, (before, after)
+
+
+def test_eval_unseen_tracks_checkpoints_gives_each_checkpoint_by_both_actors(uninterrupted, tmp_path, capsys):
+    """``eval_unseen_tracks.py --checkpoints``: one row per listed checkpoint, each equal to the
+    single-checkpoint evaluation of that checkpoint; without an actor average the live actor is
+    the evaluated one; a malformed list or a missing checkpoint is a one-line error."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import eval_unseen_tracks
+
+    run, curve, single = str(uninterrupted), tmp_path / "curve.json", tmp_path / "single.json"
+    assert eval_unseen_tracks.main([run, "--checkpoints", "2,6", "--episodes", "8", "--out", str(curve)]) == 0
+    rows = json.loads(curve.read_text())["rows"]
+    assert [(r["iteration"], r["episodes"]) for r in rows] == [(2, 8), (6, 8)]
+    assert eval_unseen_tracks.main([run, "--checkpoint", "6", "--episodes", "8", "--out", str(single)]) == 0
+    (reference,) = json.loads(single.read_text())["per_seed"]
+    assert rows[1]["evaluated"] == [pytest.approx(reference["success_rate"], abs=1e-4)]
+    assert rows[1]["evaluated_return"] == [pytest.approx(reference["episode_return"], abs=1e-4)]
+    for row in rows:
+        assert row["live"] == row["evaluated"] and row["live_return"] == row["evaluated_return"]
+    assert rows[0]["evaluated_return"] != rows[1]["evaluated_return"]  # two checkpoints, two policies
+    capsys.readouterr()
+    for bad, message in (("2,x", "--checkpoints='2,x'"), ("99", "no checkpoint for iteration 99")):
+        assert eval_unseen_tracks.main([run, "--checkpoints", bad, "--episodes", "8"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
