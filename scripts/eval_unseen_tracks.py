@@ -25,8 +25,9 @@ instead, with the same world model, so the two can be compared on the same train
 ``--checkpoints ITER,ITER,...``: a learning curve. Every listed checkpoint is driven by both
 actors (``evaluated`` and ``live``; the same actor where the run keeps no average) on the same
 tracks, through one compiled program, and the JSON holds one row per checkpoint with each
-actor's success rate and mean return per training seed (the ``bench_dreamer/car_track_unseen_*_pair_*.json``
-files of ``scripts/results/dreamer.md``).
+actor's success rate and mean return per training seed (the
+``bench_dreamer/car_track_unseen_*_pair_*.json`` files of ``scripts/results/dreamer.md``).
+``--checkpoint`` and ``--live-actor`` do not apply there.
 """
 
 from __future__ import annotations
@@ -122,8 +123,9 @@ def evaluate_checkpoints(args: argparse.Namespace, iterations: list[int]) -> int
             return 1
         drive = drive or held_out_driver(saved, keys)  # one program for every checkpoint and both actors
         evaluated = jax.vmap(saved.agent.policy_params)(saved.state)
-        # Without an actor average both names drive the same actor (the live one).
-        live = {**evaluated, "actor": saved.state.params["actor"]} if "actor" in evaluated else evaluated
+        # Without an actor average (PPO, or Dreamer with actor_ema_rate 0) both names drive one actor.
+        has_average = "actor_ema" in saved.state.params
+        live = {**evaluated, "actor": saved.state.params["actor"]} if has_average else evaluated
         row = {"iteration": saved.meta["iteration"], "global_step": saved.meta["global_step"], "episodes": args.episodes}
         for name, params in (("evaluated", evaluated), ("live", live)):
             summary = summarize(jax.device_get(drive(params)))
@@ -152,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: RUN_DIR/eval-unseen-*.json)")
     parser.add_argument("--live-actor", action="store_true", help="Dreamer with an actor EMA: drive the live actor")
     parser.add_argument(
-        "--checkpoints", default=None, help="ITER,ITER,...: each of these checkpoints by the evaluated and the live actor"
+        "--checkpoints",
+        default=None,
+        help="ITER,ITER,...: each of these checkpoints by the evaluated and the live actor (instead of --checkpoint)",
     )
     args = parser.parse_args(argv)
     if args.checkpoints is not None:
