@@ -8,6 +8,12 @@ run of several seeds (``num_seeds``), of each seed, since "steps to 90%" is a pe
 
     python scripts/learning_curve.py runs/2026-11-21/16-05-12 --target 0.9
     python scripts/learning_curve.py RUN_DIR --every 4     # every 4th evaluation
+    python scripts/learning_curve.py RUN_DIR --metrics critic/value,actor/std
+
+``--metrics``: training metrics to carry into each evaluation row, from the last training row
+logged before it, as the seeds' mean and per seed (``train_metrics`` in the JSON, and a second
+table). How the car Dreamer's seeds that fail early were told apart (critic value and actor std
+at each evaluation: the ``*_early_metrics.json`` files of ``scripts/results/dreamer.md``).
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ import pathlib
 import sys
 
 
-def read_curve(run_dir: pathlib.Path) -> list[dict]:
-    """Evaluation rows of ``run_dir/metrics.jsonl``, each with the last training metrics before it."""
+def read_curve(run_dir: pathlib.Path, metrics: tuple[str, ...] = ()) -> list[dict]:
+    """Evaluation rows of ``run_dir/metrics.jsonl``, each with the last training metrics before it
+    (and, under ``train_metrics``, those named in ``metrics``: mean and per seed)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"no metrics file at {path}: is {run_dir} a lunarl run directory?")
@@ -40,6 +47,10 @@ def read_curve(run_dir: pathlib.Path) -> list[dict]:
                     "seed_eval_success": _per_seed(record, "eval/success_rate"),
                 }
             )
+            if metrics:
+                rows[-1]["train_metrics"] = {
+                    name: {"mean": last_train.get(name), "per_seed": _per_seed(last_train, name)} for name in metrics
+                }
         elif "charts/episode_return" in record:
             last_train = record
     return rows
@@ -72,13 +83,18 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.9, help="eval success rate to report first reaching")
     parser.add_argument("--every", type=int, default=1, help="print every k-th evaluation (the last is always printed)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="JSON path (default RUN_DIR/learning_curve.json)")
+    parser.add_argument("--metrics", default="", help="NAME,NAME: training metrics to report at each evaluation")
     args = parser.parse_args()
     if args.every < 1:
         raise SystemExit(f"--every={args.every} is out of range: allowed >= 1")
+    metrics = tuple(name for name in args.metrics.split(",") if name)
 
-    rows = read_curve(args.run_dir)
+    rows = read_curve(args.run_dir, metrics)
     if not rows:
         sys.exit(f"{args.run_dir}/metrics.jsonl has no evaluations yet")
+    for name in metrics:
+        if all(r["train_metrics"][name]["mean"] is None for r in rows):
+            sys.exit(f"--metrics: no training row before an evaluation in {args.run_dir}/metrics.jsonl has {name!r}")
     print("| env steps (M) | minutes | train return | train success | eval return | eval success | eval length |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for i, r in enumerate(rows):
@@ -89,6 +105,15 @@ def main() -> None:
             f"| {_fmt(r['train_success'], '.2f')} | {r['eval_return']:.1f} ± {_fmt(r['eval_return_std'], '.1f')} "
             f"| {r['eval_success']:.3f} | {_fmt(r['eval_length'], '.0f')} |"
         )
+    if metrics:
+        print("\n| env steps | " + " | ".join(f"{name} (mean; per seed)" for name in metrics) + " |")
+        print("|---:|" + "---|" * len(metrics))
+        for r in rows:
+            cells = [
+                f"{_fmt(m['mean'], '.3f')}; " + " ".join(format(v, ".3f") for v in m["per_seed"])
+                for m in (r["train_metrics"][name] for name in metrics)
+            ]
+            print(f"| {r['env_steps']:,} | " + " | ".join(cells) + " |")
     first = next((r for r in rows if r["eval_success"] >= args.target), None)
     if first is None:
         print(f"\nnever reached eval success >= {args.target}")

@@ -194,6 +194,27 @@ def test_learning_curve_script_reports_each_seeds_first_evaluation_past_the_targ
     assert "per seed (first eval success >= 0.9, env steps): never, 2,000" in proc.stdout
 
 
+def test_learning_curve_script_carries_named_training_metrics_into_each_evaluation(tmp_path):
+    # A training row before each evaluation; each evaluation must carry the one just before it.
+    lines = []
+    for step, value in ((1000, -2.0), (2000, 0.5)):
+        lines.append(json.dumps({
+            "global_step": step, "time": 1.0, "charts/episode_return": -1.0, "critic/value": value,
+            "seed0/critic/value": value - 1.0, "seed1/critic/value": value + 1.0,
+        }))
+        lines.append(json.dumps({"global_step": step, "time": 2.0, "eval/episode_return": 0.0, "eval/success_rate": 0.0}))
+    lines.insert(1, json.dumps({"global_step": 1000, "time": 1.5, "charts/episode_return": -1.0, "critic/value": -3.0}))
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "curve.json"
+    proc = run_learning_curve(str(tmp_path), "--metrics", "critic/value", "--out", str(out), timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    carried = [row["train_metrics"]["critic/value"] for row in json.loads(out.read_text())["evaluations"]]
+    assert carried == [{"mean": -3.0, "per_seed": []}, {"mean": 0.5, "per_seed": [-0.5, 1.5]}]
+    assert "| 2,000 | 0.500; -0.500 1.500 |" in proc.stdout
+    proc = run_learning_curve(str(tmp_path), "--metrics", "critic/valu", "--out", str(out), timeout=60)
+    assert proc.returncode != 0 and "'critic/valu'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_multirun_gives_each_job_its_own_run_dir(tmp_path, app_env):
     sweep = tmp_path / "sweep"
     args = ["-m", *SMOKE, "seed=0,1", f"run.dir={sweep}", "run.total_env_steps=1280", "run.eval_every=0", "logger.wandb.mode=offline"]
