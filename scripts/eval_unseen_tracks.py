@@ -101,6 +101,14 @@ def parse_iterations(text: str) -> list[int]:
     return iterations
 
 
+def live_actor_params(saved: SavedRun, evaluated: dict[str, Any]) -> dict[str, Any] | None:
+    """``evaluated`` (``policy_params`` per seed) with the live actor in place of its average;
+    ``None`` for a run that keeps no average (PPO, SAC, Dreamer with ``actor_ema_rate`` 0)."""
+    if "actor_ema" not in saved.state.params:
+        return None
+    return {**evaluated, "actor": saved.state.params["actor"]}
+
+
 def held_out_driver(saved: SavedRun, keys: jax.Array) -> Callable[[Any], dict[str, jax.Array]]:
     """A compiled ``params (leading seed axis) -> rollout results`` on the tracks of ``keys``:
     each track once, deterministically, for at most the agent's ``episode_length`` steps."""
@@ -123,9 +131,7 @@ def evaluate_checkpoints(args: argparse.Namespace, iterations: list[int]) -> int
             return 1
         drive = drive or held_out_driver(saved, keys)  # one program for every checkpoint and both actors
         evaluated = jax.vmap(saved.agent.policy_params)(saved.state)
-        # Without an actor average (PPO, or Dreamer with actor_ema_rate 0) both names drive one actor.
-        has_average = "actor_ema" in saved.state.params
-        live = {**evaluated, "actor": saved.state.params["actor"]} if has_average else evaluated
+        live = live_actor_params(saved, evaluated) or evaluated  # no average: both names drive one actor
         row = {"iteration": saved.meta["iteration"], "global_step": saved.meta["global_step"], "episodes": args.episodes}
         for name, params in (("evaluated", evaluated), ("live", live)):
             summary = summarize(jax.device_get(drive(params)))
@@ -173,10 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     plan, agent, meta = saved.plan, saved.agent, saved.meta
     params = jax.vmap(agent.policy_params)(saved.state)  # leading seed axis
     if args.live_actor:
-        if "actor_ema" not in saved.state.params:
+        params = live_actor_params(saved, params)
+        if params is None:
             print(f"eval_unseen_tracks: --live-actor needs a Dreamer run with agent.actor_ema_rate > 0 ({args.run_dir})", file=sys.stderr)
             return 1
-        params = {**params, "actor": saved.state.params["actor"]}
     result = jax.device_get(held_out_driver(saved, track_keys(args.first_track_seed, args.episodes))(params))
     summary = summarize(result)
     per_seed = [{k: v[i].item() for k, v in summary.items()} for i in range(plan.cfg.num_seeds)]

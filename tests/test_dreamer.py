@@ -1090,3 +1090,6 @@ def test_eval_unseen_tracks_checkpoints_gives_each_checkpoint_by_both_actors(uni
         assert eval_unseen_tracks.main([run, "--checkpoints", bad, "--episodes", "8"]) == 1
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # The single-checkpoint --live-actor asks for the average this run does not keep.
+    assert eval_unseen_tracks.main([run, "--checkpoint", "6", "--episodes", "8", "--live-actor"]) == 1
+    assert "--live-actor needs a Dreamer run with agent.actor_ema_rate > 0" in capsys.readouterr().err
