@@ -25,8 +25,8 @@ import sys
 
 
 def read_curve(run_dir: pathlib.Path, metrics: tuple[str, ...] = ()) -> list[dict]:
-    """Evaluation rows of ``run_dir/metrics.jsonl``, each with the last training metrics before it
-    (and, under ``train_metrics``, those named in ``metrics``: mean and per seed)."""
+    """Evaluation rows of ``run_dir/metrics.jsonl``, each with the latest training metrics logged
+    before it (and, under ``train_metrics``, those named in ``metrics``: mean and per seed)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"no metrics file at {path}: is {run_dir} a lunarl run directory?")
@@ -51,8 +51,10 @@ def read_curve(run_dir: pathlib.Path, metrics: tuple[str, ...] = ()) -> list[dic
                 rows[-1]["train_metrics"] = {
                     name: {"mean": last_train.get(name), "per_seed": _per_seed(last_train, name)} for name in metrics
                 }
-        elif "charts/episode_return" in record:
-            last_train = record
+        else:
+            # A training row. Its episode metrics are missing when no episode ended in its window
+            # (long car episodes), so each value is the latest logged, not the last row's.
+            last_train = {**last_train, **record}
     return rows
 
 

@@ -203,14 +203,23 @@ def test_learning_curve_script_carries_named_training_metrics_into_each_evaluati
             "seed0/critic/value": value - 1.0, "seed1/critic/value": value + 1.0,
         }))
         lines.append(json.dumps({"global_step": step, "time": 2.0, "eval/episode_return": 0.0, "eval/success_rate": 0.0}))
-    lines.insert(1, json.dumps({"global_step": 1000, "time": 1.5, "charts/episode_return": -1.0, "critic/value": -3.0}))
+    lines.insert(1, json.dumps({
+        "global_step": 1000, "time": 1.5, "charts/episode_return": -1.0, "critic/value": -3.0,
+        "seed0/critic/value": -4.0, "seed1/critic/value": -2.0,
+    }))
+    # A training row in whose window no episode ended has no episode metrics, and a video row
+    # has neither: the evaluation still carries the newest value of each.
+    lines[4:4] = [
+        json.dumps({"global_step": 2000, "time": 2.5, "critic/value": 7.0, "seed0/critic/value": 6.0, "seed1/critic/value": 8.0}),
+        json.dumps({"global_step": 2000, "time": 2.6, "perf/video_seconds": 1.0}),
+    ]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "curve.json"
     proc = run_learning_curve(str(tmp_path), "--metrics", "critic/value", "--out", str(out), timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     carried = [row["train_metrics"]["critic/value"] for row in json.loads(out.read_text())["evaluations"]]
-    assert carried == [{"mean": -3.0, "per_seed": []}, {"mean": 0.5, "per_seed": [-0.5, 1.5]}]
-    assert "| 2,000 | 0.500; -0.500 1.500 |" in proc.stdout
+    assert carried == [{"mean": -3.0, "per_seed": [-4.0, -2.0]}, {"mean": 7.0, "per_seed": [6.0, 8.0]}]
+    assert "| 2,000 | 7.000; 6.000 8.000 |" in proc.stdout
     proc = run_learning_curve(str(tmp_path), "--metrics", "critic/valu", "--out", str(out), timeout=60)
     assert proc.returncode != 0 and "'critic/valu'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
