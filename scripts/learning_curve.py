@@ -10,8 +10,8 @@ run of several seeds (``num_seeds``), of each seed, since "steps to 90%" is a pe
     python scripts/learning_curve.py RUN_DIR --every 4     # every 4th evaluation
     python scripts/learning_curve.py RUN_DIR --metrics critic/value,actor/std
 
-``--metrics``: training metrics to carry into each evaluation row, from the last training row
-logged before it, as the seeds' mean and per seed (``train_metrics`` in the JSON, and a second
+``--metrics``: training metrics to carry into each evaluation row, each the newest value logged
+before it, as the seeds' mean and per seed (``train_metrics`` in the JSON, and a second
 table). How the car Dreamer's seeds that fail early were told apart (critic value and actor std
 at each evaluation: the ``*_early_metrics.json`` files of ``scripts/results/dreamer.md``).
 """
