@@ -10,6 +10,7 @@ written with 2 devices onto 1 (same-device resume is covered for PPO in ``test_t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -22,7 +23,7 @@ from conftest import REPO, assert_same_state, final_state, run_app
 
 import lunarl
 from lunarl.agents import get as get_agent
-from lunarl.agents.base import reset_carry
+from lunarl.agents.base import SEED_AXIS_NAME, reset_carry, seed_cond
 from lunarl.run.evaluation import rollout
 from lunarl.run.placement import Placement
 from lunarl.run.programs import init_state, make_chunk, seed_keys
@@ -74,6 +75,57 @@ def test_training_resets_the_carry_at_every_episode_start_and_donates_the_state(
     for key, values in state_metrics.items():
         assert metrics[f"env/{key}"].shape == (3, 2)
         np.testing.assert_allclose(metrics[f"env/{key}"][-1], np.asarray(values).mean(axis=1), rtol=1e-6, err_msg=key)
+
+
+def _counted_cond(calls: list[int]):
+    """``seed_cond`` whose true branch (x + 1) records each time it runs."""
+
+    def taken(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return x + 1.0
+
+    return lambda pred, x: seed_cond(pred, taken, lambda x: x - 1.0, x)
+
+
+def test_seed_cond_runs_the_branch_only_when_some_seed_takes_it_and_keeps_each_seeds_result():
+    calls: list[int] = []
+    per_seed = jax.jit(jax.vmap(_counted_cond(calls), axis_name=SEED_AXIS_NAME))
+    x = jnp.array([10.0, 20.0, 30.0])
+    # No seed takes it: the branch's work is skipped (``lax.cond`` under vmap would run it).
+    np.testing.assert_array_equal(per_seed(jnp.array([False, False, False]), x), [9, 19, 29])
+    jax.effects_barrier()
+    assert calls == []
+    # Some do: each seed gets its own branch's result, as ``lax.cond`` per seed would give.
+    np.testing.assert_array_equal(per_seed(jnp.array([True, False, True]), x), [11, 19, 31])
+    jax.effects_barrier()
+    assert len(calls) == 1
+    # Outside the seed vmap it is ``lax.cond``.
+    one_seed = jax.jit(_counted_cond(calls))
+    assert float(one_seed(jnp.bool_(False), jnp.float32(5))) == 4.0
+    assert float(one_seed(jnp.bool_(True), jnp.float32(5))) == 6.0
+    jax.effects_barrier()
+    assert len(calls) == 2
+
+
+def test_the_hosts_chunk_names_the_seed_axis_so_a_branch_no_seed_takes_is_skipped(setting):
+    """Through ``make_chunk`` (2 seeds): an agent's ``seed_cond`` that no seed takes never runs,
+    as a replay warm-up's updates must not."""
+    env, cfg = setting
+    calls: list[int] = []
+    cond = _counted_cond(calls)
+
+    def train_step(ts):
+        ts, metrics = counter_agent.train_step(ts)
+        bias = cond(jnp.sum(ts.params["b"]) > 1e6, ts.params["b"])
+        return ts.replace(params={**ts.params, "b": bias}), metrics
+
+    agent = dataclasses.replace(counter_agent.AGENT, train_step=train_step)
+    ts = init_state(agent, env, cfg, seed_keys(0, 2), Placement.for_seeds(2))
+    ts, _, finite = make_chunk(agent, env, 3)(ts)
+    jax.effects_barrier()
+    assert bool(finite) and calls == []
+    # The false branch ran in each of the 3 iterations, for both seeds.
+    assert np.all(np.asarray(ts.params["b"]) < -2.5)
 
 
 def test_evaluation_starts_from_a_reset_carry_and_carries_it(setting):

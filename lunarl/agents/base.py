@@ -59,6 +59,7 @@ __all__ = [
     "episode_metrics",
     "hyperparameter",
     "reset_carry",
+    "seed_cond",
     "split_on_data",
     "stateless",
     "with_hyperparameters",
@@ -160,6 +161,28 @@ def split_on_data(x: jax.Array, axis: int = 0) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*(None,) * axis, DATA_AXIS_NAME))
 
 
+def seed_cond(pred: jax.Array, true_fun: Callable, false_fun: Callable, *operands: Any) -> Any:
+    """``lax.cond(pred, true_fun, false_fun, *operands)`` that stays a branch under the host's
+    seed vmap (``make_chunk`` names that axis ``SEED_AXIS_NAME``).
+
+    Under vmap a batched predicate turns ``lax.cond`` into a select, so both branches run for
+    every seed, e.g. a replay warm-up's updates, computed and thrown away. Here the branch is
+    taken when any seed's ``pred`` holds and each seed keeps the result of its own ``pred``, so
+    the outputs equal ``lax.cond``'s and the iterations where no seed's ``pred`` holds (the
+    seeds step in lockstep, so a warm-up ends for all at once) skip ``true_fun``'s work.
+    Outside a vmap named ``seed`` it is ``lax.cond``."""
+    try:
+        any_seed = jax.lax.pmax(pred, SEED_AXIS_NAME)
+    except NameError:  # not under the host's seed vmap: one seed, or a test's own vmap
+        return jax.lax.cond(pred, true_fun, false_fun, *operands)
+
+    def per_seed(*ops: Any) -> Any:
+        taken, skipped = true_fun(*ops), false_fun(*ops)
+        return jax.tree.map(lambda t, f: jnp.where(pred, t, f), taken, skipped)
+
+    return jax.lax.cond(any_seed, per_seed, false_fun, *operands)
+
+
 def reset_carry(carry: Carry, initial: Carry, is_first: jax.Array) -> Carry:
     """``carry`` with the envs where ``is_first`` replaced by ``initial`` (leaves [B, ...])."""
 
@@ -208,7 +231,9 @@ class Agent:
 
     * ``init(rng, env, cfg) -> TrainState`` for one seed (the host vmaps it over seeds);
     * ``train_step(ts) -> (ts, metrics)``: one iteration, collect and learn, as one program;
-      ``metrics`` maps exactly ``metric_names`` to float32 scalars;
+      ``metrics`` maps exactly ``metric_names`` to float32 scalars. The host vmaps it over seeds
+      with the axis named ``SEED_AXIS_NAME`` (the seeds step in lockstep), which ``seed_cond``
+      uses;
     * ``policy_params(ts)``: what ``Policy.act`` needs (saved best checkpoints are judged by it);
     * ``make_policy(env, cfg) -> Policy``;
     * ``env_axes(ts)``: a ``PartitionSpec`` per leaf of one seed's TrainState (``ENV_AXIS`` or

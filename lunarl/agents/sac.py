@@ -5,9 +5,9 @@ One ``train_step`` is one iteration and one XLA program when jitted: ``lax.scan`
 the stochastic actor after it), the steps written into the on-device replay buffer
 (``lunarl.agents.replay``) that lives in the TrainState, then ``utd_ratio * unroll_length``
 gradient steps in a second ``lax.scan``. Whether to act uniformly and whether the buffer is ready
-to learn from are decided on device (``jnp.where`` per step, ``lax.cond`` around the updates),
-so the iteration is the same program from the first call to the last; several seeds train as one
-program with ``jax.vmap``. The replay is part of the TrainState, so checkpoints hold it and a
+to learn from are decided on device (``jnp.where`` per step, ``base.seed_cond`` around the
+updates), so the iteration is the same program from the first call to the last; several seeds
+train as one program with ``jax.vmap``. The replay is part of the TrainState, so checkpoints hold it and a
 resumed run continues exactly. ``AGENT`` (at the end) is SAC as the host sees it.
 
 Design choices:
@@ -73,6 +73,7 @@ from lunarl.agents.base import (
     as_raw_key,
     episode_metrics,
     hyperparameter,
+    seed_cond,
     split_on_data,
     stateless,
 )
@@ -595,9 +596,8 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
         metrics["losses/alpha"] = jnp.exp(params["log_alpha"])
         return params, opt_state, metrics
 
-    # Under vmap (several seeds) ``cond`` becomes a select and both branches run; for one seed
-    # the warm-up iterations skip the update work.
-    params, opt_state, loss_metrics = jax.lax.cond(ready, learn, skip, (ts.params, ts.opt_state, batches))
+    # ``seed_cond``: the warm-up iterations skip the update work under the seed vmap too.
+    params, opt_state, loss_metrics = seed_cond(ready, learn, skip, (ts.params, ts.opt_state, batches))
     ts = ts.replace(
         params=params,
         opt_state=opt_state,

@@ -73,8 +73,13 @@ def make_chunk(
     replicated, so every process can read them.
     """
     # Seeds vmapped as the ``seed`` mesh axis, so constraints an agent puts on one seed's arrays
-    # (``base.split_on_data``) keep the seed axis split too.
-    step = jax.vmap(agent.train_step, spmd_axis_name=SEED_AXIS_NAME if placement is not None else None)
+    # (``base.split_on_data``) keep the seed axis split too. The axis is named either way, so an
+    # agent's ``base.seed_cond`` can skip a branch no seed takes.
+    step = jax.vmap(
+        agent.train_step,
+        axis_name=SEED_AXIS_NAME,
+        spmd_axis_name=SEED_AXIS_NAME if placement is not None else None,
+    )
 
     def pin(ts: Any) -> Any:
         if placement is None:

@@ -10,8 +10,9 @@ freshly sampled sequences of ``seq_len`` steps (uniform, or a ``terminal_fractio
 drawn around terminal steps: ``terminal_replay``): world model, then actor and critic on
 imagination from every posterior latent of the batch, then the slow critic. Until
 ``prefill`` env steps have been taken the actions are uniform in [-1, 1] (each held for
-``prefill_hold`` steps on average) and the updates are skipped with ``lax.cond``, so the
-program is the same from the first iteration to the last.
+``prefill_hold`` steps on average) and the updates are skipped with ``lax.cond``
+(``base.seed_cond``, so they are skipped under the host's seed vmap too), so the program is the
+same from the first iteration to the last.
 
 ``updates_per_iteration = train_ratio * env_steps_per_iteration / (batch_size * seq_len)``:
 ``train_ratio`` is DreamerV3's replayed steps per env step. With ``train_ratio_ramp > 0`` the
@@ -66,6 +67,7 @@ from lunarl.agents.base import (
     episode_metrics,
     hyperparameter,
     reset_carry,
+    seed_cond,
     split_on_data,
 )
 from lunarl.agents.dreamer import behavior, probe, terminal_replay
@@ -740,9 +742,8 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
     def skip(ts: TrainState, rng: jax.Array):
         return ts.params, ts.opt_state, ts.return_norm, {k: jnp.zeros((), jnp.float32) for k in LOSS_METRICS}
 
-    # Under vmap (several seeds) ``cond`` becomes a select and both branches run; for one seed
-    # the prefill iterations skip the update work.
-    params, opt_state, norm, loss_metrics = jax.lax.cond(ready, learn, skip, ts, k_learn)
+    # ``seed_cond``: the prefill iterations skip the update work under the seed vmap too.
+    params, opt_state, norm, loss_metrics = seed_cond(ready, learn, skip, ts, k_learn)
     ts = ts.replace(
         params=params, opt_state=opt_state, return_norm=norm, iteration=ts.iteration + 1,
         gradient_steps=ts.gradient_steps + ready.astype(jnp.int32) * cfg.active_updates(env_steps),
