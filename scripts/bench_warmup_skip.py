@@ -44,10 +44,10 @@ from lunarl.run.schema import register_schemas, validate_train
 CONF = pathlib.Path(__file__).resolve().parent.parent / "conf"
 
 
-def _plan(experiment: str, seeds: int) -> Any:
+def _plan(experiment: str, seeds: int, overrides: list[str]) -> Any:
     register_schemas()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={experiment}", f"num_seeds={seeds}"])
+        cfg = compose("config", overrides=[f"+experiment={experiment}", f"num_seeds={seeds}", *overrides])
     return validate_train(cfg)
 
 
@@ -58,8 +58,8 @@ def _warmup_env_steps(cfg: Any) -> int:
     raise ValueError(f"{type(cfg).__name__} has no prefill or warmup_steps")
 
 
-def bench_experiment(experiment: str, seeds: int, repeats: int) -> dict[str, Any]:
-    plan = _plan(experiment, seeds)
+def bench_experiment(experiment: str, seeds: int, repeats: int, overrides: list[str]) -> dict[str, Any]:
+    plan = _plan(experiment, seeds, overrides)
     env, agent = plan.env_and_agent()
     cfg = plan.agent_config
     per_iteration = cfg.env_steps_per_iteration
@@ -108,6 +108,7 @@ def bench_experiment(experiment: str, seeds: int, repeats: int) -> dict[str, Any
         "experiment": experiment,
         "agent": agent.name,
         "seeds": seeds,
+        "overrides": overrides,
         "env_steps_per_iteration": per_iteration,
         "warmup_iterations": warmup_iterations,
         "total_iterations": total_iterations,
@@ -124,9 +125,11 @@ def main() -> None:
     parser.add_argument("--experiment", nargs="+", default=["car_track_dreamer", "car_track_sac"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Hydra overrides after the experiment's, e.g. env.num_envs=4")  # fmt: skip
     parser.add_argument("--out", default="bench_results/bench_warmup_skip.json")
     args = parser.parse_args()
-    results = [bench_experiment(e, args.seeds, args.repeats) for e in args.experiment]
+    results = [bench_experiment(e, args.seeds, args.repeats, args.override) for e in args.experiment]
     print(f"{'experiment':<20} {'program':<8} {'warm-up it. s':>13} {'learning it. s':>14} {'loop s':>8}")
     for r in results:
         for name, row in r["programs"].items():

@@ -1,4 +1,4 @@
-"""The PPO benchmark runs end to end on a tiny setting and writes every field the issue asks for.
+"""The benchmarks run end to end on a tiny setting and write every field the issue asks for.
 
 Not a timing test: only the JSON's shape and sanity are checked (speeds are whatever they are)."""
 
@@ -76,3 +76,27 @@ def test_profile_ppo_rejects_bad_settings(tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode != 0 and "num_epochs" in proc.stderr
+
+
+# Compiles a small SAC car iteration twice for 2 seeds: ~25 s on 2 cores.
+def test_bench_warmup_skip_times_both_programs_and_finds_them_equal(tmp_path):
+    out = tmp_path / "warmup.json"
+    args = [
+        "--experiment", "car_track_sac", "--seeds", "2", "--repeats", "1", "--out", str(out),
+        "--override", "env.num_envs=4", "agent.unroll_length=4", "agent.warmup_steps=64", "agent.batch_size=16",
+        "agent.actor_hidden=[16]", "agent.critic_hidden=[16]", "agent.utd_ratio=1", "run.total_env_steps=256", "run.log_every=4",
+    ]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_warmup_skip.py"), *args], capture_output=True, text=True, timeout=900, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["agent"] == "sac" and result["seeds"] == 2
+    assert result["warmup_iterations"] == 4 and result["total_iterations"] == 16
+    for name in ("named", "unnamed"):
+        row = result["programs"][name]
+        assert row["warmup_iteration_s"] > 0 and row["learning_iteration_s"] > 0
+    assert result["warmup_speedup"] > 0 and 0 < result["learning_ratio"]
+    # Same iterations from the same keys: skipping the warm-up's updates changes no parameter.
+    assert result["max_policy_param_difference"] == 0.0
