@@ -7,8 +7,8 @@ the stochastic actor after it), the steps written into the on-device replay buff
 gradient steps in a second ``lax.scan``. Whether to act uniformly and whether the buffer is ready
 to learn from are decided on device (``jnp.where`` per step, ``base.seed_cond`` around the
 updates), so the iteration is the same program from the first call to the last; several seeds
-train as one program with ``jax.vmap``. The replay is part of the TrainState, so checkpoints hold it and a
-resumed run continues exactly. ``AGENT`` (at the end) is SAC as the host sees it.
+train as one program with ``jax.vmap``. The replay is part of the TrainState, so checkpoints
+hold it and a resumed run continues exactly. ``AGENT`` (at the end) is SAC as the host sees it.
 
 Design choices:
 
