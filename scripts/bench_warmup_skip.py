@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 
 from lunarl._platform import compile_options
 from lunarl.agents.base import SEED_AXIS_NAME
@@ -55,7 +56,7 @@ def _warmup_env_steps(cfg: Any) -> int:
     for field in ("prefill", "warmup_steps"):
         if hasattr(cfg, field):
             return int(getattr(cfg, field))
-    raise ValueError(f"{type(cfg).__name__} has no prefill or warmup_steps")
+    raise ValueError(f"{type(cfg).__name__} has no prefill or warmup_steps: not a replay agent")
 
 
 def bench_experiment(experiment: str, seeds: int, repeats: int, overrides: list[str]) -> dict[str, Any]:
@@ -129,7 +130,10 @@ def main() -> None:
                         help="Hydra overrides after the experiment's, e.g. env.num_envs=4")  # fmt: skip
     parser.add_argument("--out", default="bench_results/bench_warmup_skip.json")
     args = parser.parse_args()
-    results = [bench_experiment(e, args.seeds, args.repeats, args.override) for e in args.experiment]
+    try:
+        results = [bench_experiment(e, args.seeds, args.repeats, args.override) for e in args.experiment]
+    except (HydraException, ValueError) as e:  # one line naming the key or experiment (ConfigError too)
+        raise SystemExit(f"bench_warmup_skip.py: {str(e).splitlines()[0]}") from None
     print(f"{'experiment':<20} {'program':<8} {'warm-up it. s':>13} {'learning it. s':>14} {'loop s':>8}")
     for r in results:
         for name, row in r["programs"].items():

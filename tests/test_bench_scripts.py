@@ -100,3 +100,17 @@ def test_bench_warmup_skip_times_both_programs_and_finds_them_equal(tmp_path):
     assert result["warmup_speedup"] > 0 and 0 < result["learning_ratio"]
     # Same iterations from the same keys: skipping the warm-up's updates changes no parameter.
     assert result["max_policy_param_difference"] == 0.0
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--experiment", "rover"], "PPOConfig"),
+    (["--experiment", "car_track_sac", "--override", "agent.warmup_steps=-5"], "agent.warmup_steps"),
+])  # fmt: skip
+def test_bench_warmup_skip_rejects_bad_input_in_one_line(tmp_path, args, named):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_warmup_skip.py"), *args, "--out", str(tmp_path / "x.json")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": "disabled"},
+    )  # fmt: skip
+    assert proc.returncode != 0 and named in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert not (tmp_path / "x.json").exists()
