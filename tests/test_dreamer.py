@@ -1093,3 +1093,23 @@ def test_eval_unseen_tracks_checkpoints_gives_each_checkpoint_by_both_actors(uni
     # The single-checkpoint --live-actor asks for the average this run does not keep.
     assert eval_unseen_tracks.main([run, "--checkpoint", "6", "--episodes", "8", "--live-actor"]) == 1
     assert "--live-actor needs a Dreamer run with agent.actor_ema_rate > 0" in capsys.readouterr().err
+
+
+def test_behavior_layers_deepen_the_actor_and_critic_only(env):
+    """``behavior_layers`` sets the hidden layers of the actor and the critic (DreamerV3 uses 3);
+    0 keeps the size preset's (``tiny``: 1), and the world model is the preset's either way."""
+
+    def hidden_layers(cfg: dreamer.DreamerConfig) -> tuple[int, int, int]:
+        params = jax.eval_shape(lambda key: dreamer.init(key, env, cfg).params, jax.random.PRNGKey(0))
+        stacks = (
+            params["actor"]["params"]["Stack_0"],
+            params["critic"]["params"]["Stack_0"],
+            params["world_model"]["params"]["decoder"],
+        )
+        return tuple(len(stack) - 1 for stack in stacks)  # hidden layers and one output layer
+
+    small = dict(num_envs=NUM_ENVS, buffer_size=NUM_ENVS * 64)
+    assert hidden_layers(dreamer.DreamerConfig.build(**small)) == (1, 1, 1)
+    assert hidden_layers(dreamer.DreamerConfig.build(**small, behavior_layers=3)) == (3, 3, 1)
+    with pytest.raises(ValueError, match="behavior_layers"):
+        dreamer.DreamerConfig.build(behavior_layers=-1)

@@ -116,6 +116,9 @@ class DreamerConfig(AgentConfig):
     length and ``train_ratio`` are smaller so a CPU iteration stays short."""
 
     size: str = "tiny"
+    behavior_layers: int = bounded(
+        0, 0, None, "hidden layers of the actor and the critic (0 = the size preset's; DreamerV3: 3)"
+    )
     unroll_length: int = bounded(16, 1, None, "env steps per env per iteration")
     train_ratio: float = bounded(64.0, 0.0, None, "replayed steps per env step")
     train_ratio_start: float = bounded(
@@ -334,15 +337,16 @@ class Nets:
 
 def nets(env: LunarEnv, cfg: DreamerConfig) -> Nets:
     d = cfg.dims
+    behavior_layers = cfg.behavior_layers or d.layers
     return Nets(
         world_model=WorldModelNet(
             env.observation_size, env.action_size, d, cfg.num_bins,
             angle_indices=tuple(env.angle_observations) if cfg.angle_features else (),
         ),
         actor=behavior.ActorNet(
-            env.action_size, d.layers, d.units, cfg.actor_min_std, cfg.actor_max_std, cfg.actor_out_scale
+            env.action_size, behavior_layers, d.units, cfg.actor_min_std, cfg.actor_max_std, cfg.actor_out_scale
         ),
-        critic=behavior.CriticNet(d.layers, d.units, cfg.num_bins),
+        critic=behavior.CriticNet(behavior_layers, d.units, cfg.num_bins),
         twohot=TwoHot(cfg.num_bins, -cfg.twohot_limit, cfg.twohot_limit),
     )
 
