@@ -32,18 +32,29 @@ def test_active_updates_rise_linearly_from_the_start_ratio_after_the_prefill():
     assert int(flat.active_updates(np.int32(32))) == 4
 
 
-def test_updates_past_the_share_change_nothing_and_are_not_counted():
+def test_updates_past_the_share_change_nothing_are_not_counted_and_do_not_run(monkeypatch):
     env = lunarl.envs.make("car_track")
     cfg = dreamer.DreamerConfig.build(**RAMPED)
+    ran = []
+    real_update = dreamer.update
+
+    def counted_update(*args):  # a host callback per update that actually runs
+        jax.debug.callback(lambda: ran.append(1))
+        return real_update(*args)
+
+    monkeypatch.setattr(dreamer, "update", counted_update)
     step = fast_jit(dreamer.train_step)
     ts = dreamer.init(jax.random.PRNGKey(0), env, cfg)
     applied = []
     for _ in range(5):  # env steps 16 (prefill), 32, 48, 64, 80
         ts, metrics = step(ts)
+        jax.effects_barrier()
         applied.append(int(ts.gradient_steps))
         assert np.isfinite(float(metrics["world_model/loss"]))
     # No update in the prefill, then 1 (ratio 2), 2 (3.5), 2 (5: 2.5 rounds to even), 3 (6.5).
     assert applied == [0, 1, 3, 5, 8]
+    # Only those ran: the scan's other steps (16 in all after the prefill) skipped their work.
+    assert len(ran) == 8
     # Every optimiser (world model, actor, critic) took exactly the applied updates: the masked
     # ones left their Adam state as it was.
     counts = adam_counts(ts.opt_state)

@@ -17,8 +17,9 @@ same from the first iteration to the last.
 ``updates_per_iteration = train_ratio * env_steps_per_iteration / (batch_size * seq_len)``:
 ``train_ratio`` is DreamerV3's replayed steps per env step. With ``train_ratio_ramp > 0`` the
 ratio starts at ``train_ratio_start`` when the prefill ends and rises linearly to ``train_ratio``
-over that many env steps: the scan still runs ``updates_per_iteration`` steps, and those past the
-iteration's share (``active_updates``) leave the parameters as they are. Why: the early updates
+over that many env steps: the scan still has ``updates_per_iteration`` steps, and those past the
+iteration's share (``active_updates``) are skipped (``seed_cond``) and leave the parameters as they
+are. Why: the early updates
 learn from the prefill's random crashes, and more of them per env step left more car seeds with a
 critic that expects every state to end in a crash (scripts/results/dreamer.md, session 23).
 
@@ -701,8 +702,7 @@ def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any
     if cfg.terminal_windows > 0:
         terminals = terminal_replay.index(ts.replay, ts.replay.data.terminated, cfg.terminal_recent_rows)
 
-    def body(carry: tuple, indexed_key: tuple[jax.Array, jax.Array]) -> tuple[tuple, dict]:
-        index, key = indexed_key
+    def one_update(carry: tuple, key: jax.Array) -> tuple[tuple, dict]:
         params, opt_state, norm = carry
         k_sample, k_update = jax.random.split(key)
         if cfg.terminal_windows > 0:
@@ -714,9 +714,19 @@ def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any
         seq = jax.tree.map(lambda x: split_on_data(x, axis=1), time_major(batch))
         *updated, metrics = update(n, cfg, params, opt_state, norm, seq, k_update, lrs)
         metrics["replay/terminal_windows"] = jnp.mean(jnp.any(seq.terminated > 0.5, axis=0).astype(jnp.float32))
-        if cfg.train_ratio_ramp > 0:  # the updates past the ramp's share keep the carry
-            updated = jax.tree.map(lambda new, old: jnp.where(index < active, new, old), updated, list(carry))
         return tuple(updated), metrics
+
+    def keep(carry: tuple, key: jax.Array) -> tuple[tuple, dict]:
+        shapes = jax.eval_shape(one_update, carry, key)[1]
+        return carry, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(carry: tuple, indexed_key: tuple[jax.Array, jax.Array]) -> tuple[tuple, dict]:
+        index, key = indexed_key
+        if cfg.train_ratio_ramp == 0:
+            return one_update(carry, key)
+        # The updates past the ramp's share are skipped (not computed and masked): the carry
+        # stays, and their metrics, zeros here, get weight 0 below.
+        return seed_cond(index < active, one_update, keep, carry, key)
 
     keys = jax.random.split(rng, cfg.updates_per_iteration)
     indices = jnp.arange(cfg.updates_per_iteration)
