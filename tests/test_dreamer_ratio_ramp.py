@@ -55,7 +55,7 @@ def test_updates_past_the_share_change_nothing_are_not_counted_and_do_not_run(mo
     assert applied == [0, 1, 3, 5, 8]
     # Only those ran: the scan's other steps (16 in all after the prefill) skipped their work.
     assert len(ran) == 8
-    # Every optimiser (world model, actor, critic) took exactly the applied updates: the masked
+    # Every optimiser (world model, actor, critic) took exactly the applied updates: the skipped
     # ones left their Adam state as it was.
     counts = adam_counts(ts.opt_state)
     assert set(counts) >= {"['world_model']", "['actor']", "['critic']"} and set(counts.values()) == {8}

@@ -19,9 +19,9 @@ same from the first iteration to the last.
 ratio starts at ``train_ratio_start`` when the prefill ends and rises linearly to ``train_ratio``
 over that many env steps: the scan still has ``updates_per_iteration`` steps, and those past the
 iteration's share (``active_updates``) are skipped (``seed_cond``) and leave the parameters as they
-are. Why: the early updates
-learn from the prefill's random crashes, and more of them per env step left more car seeds with a
-critic that expects every state to end in a crash (scripts/results/dreamer.md, session 23).
+are. Why: the early updates learn from the prefill's random crashes, and more of them per env step
+left more car seeds with a critic that expects every state to end in a crash
+(scripts/results/dreamer.md, session 23).
 
 Size presets (``size``): ``tiny`` (the CPU default), ``1m`` and ``12m``, after DreamerV3's
 ``size1m``/``size12m`` (deter, hidden, classes, MLP units; 32 categoricals). DreamerV3's newer
@@ -610,6 +610,11 @@ REPLAY_METRICS = ("replay/terminal_windows",)  # share of the sampled windows ho
 LOSS_METRICS = WORLD_MODEL_METRICS + BEHAVIOR_METRICS + REPLAY_METRICS
 
 
+def _no_loss_metrics() -> dict[str, jax.Array]:
+    """The ``LOSS_METRICS`` of a skipped update (zeros: they are weighted out or logged as 0)."""
+    return {k: jnp.zeros((), jnp.float32) for k in LOSS_METRICS}
+
+
 def time_major(seq: Any) -> Any:
     """[B, T, ...] -> [T, B, ...]."""
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), seq)
@@ -717,15 +722,14 @@ def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any
         return tuple(updated), metrics
 
     def keep(carry: tuple, key: jax.Array) -> tuple[tuple, dict]:
-        shapes = jax.eval_shape(one_update, carry, key)[1]
-        return carry, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return carry, _no_loss_metrics()
 
     def body(carry: tuple, indexed_key: tuple[jax.Array, jax.Array]) -> tuple[tuple, dict]:
         index, key = indexed_key
         if cfg.train_ratio_ramp == 0:
             return one_update(carry, key)
-        # The updates past the ramp's share are skipped (not computed and masked): the carry
-        # stays, and their metrics, zeros here, get weight 0 below.
+        # The updates past the ramp's share are skipped, not computed and thrown away: the carry
+        # stays, and their zero metrics get weight 0 below.
         return seed_cond(index < active, one_update, keep, carry, key)
 
     keys = jax.random.split(rng, cfg.updates_per_iteration)
@@ -754,7 +758,7 @@ def train_step(ts: TrainState) -> tuple[TrainState, dict[str, jax.Array]]:
     ready = (env_steps >= cfg.prefill) & replay_lib.can_sample(ts.replay, cfg.seq_len)
 
     def skip(ts: TrainState, rng: jax.Array):
-        return ts.params, ts.opt_state, ts.return_norm, {k: jnp.zeros((), jnp.float32) for k in LOSS_METRICS}
+        return ts.params, ts.opt_state, ts.return_norm, _no_loss_metrics()
 
     # ``seed_cond``: the prefill iterations skip the update work under the seed vmap too.
     params, opt_state, norm, loss_metrics = seed_cond(ready, learn, skip, ts, k_learn)
