@@ -953,6 +953,28 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
     assert {"probe/improved", "probe/gain"} <= set(m) and 0.0 < float(m["probe/improved"]) <= 1.0
     assert np.all(np.isfinite(ravel_pytree(new["actor"])[0]))
 
+    # Gated (probe_from, probe_max_return): an open gate gives the ungated update, a closed one
+    # (``probing`` false, or an imagined return above the bound) the update without probes.
+    def gated_update(cfg):
+        return fast_jit(lambda p, o, r, sq, probing: dreamer.update(
+            on_nets, cfg, p, o, r, sq, jax.random.PRNGKey(4), probing=probing))  # fmt: skip
+
+    probe_kw = dict(probe_scale=1.0, probe_steps=2, probe_starts=8, probe_margin=0.0)
+    above = gated_update(dreamer.DreamerConfig.build(**small, **probe_kw, probe_max_return=1e9))
+    below = gated_update(dreamer.DreamerConfig.build(**small, **probe_kw, probe_max_return=-1e9))
+    off = dreamer.DreamerConfig.build(**small)
+    plain, *_ = fast_jit(lambda p, o, r, sq: dreamer.update(dreamer.nets(env, off), off, p, o, r, sq, jax.random.PRNGKey(4)))(
+        ts.params, ts.opt_state, ts.return_norm, seq)  # fmt: skip
+    actor = lambda params: np.asarray(ravel_pytree(params["actor"])[0])  # noqa: E731
+    assert not np.array_equal(actor(new), actor(plain))  # the probes moved the actor
+    for update_fn, probing, ran in ((above, True, True), (above, False, False), (below, True, False)):
+        gated, _, _, m_gated = update_fn(ts.params, ts.opt_state, ts.return_norm, seq, jnp.asarray(probing))
+        assert float(m_gated["probe/active"]) == float(ran)
+        np.testing.assert_allclose(actor(gated), actor(new if ran else plain), rtol=0, atol=1e-7)
+    assert float(m["probe/active"]) == 1.0
+    with pytest.raises(ValueError, match="probe_scale"):
+        dreamer.DreamerConfig.build(probe_from=4096)
+
 
 def test_lookahead_takes_a_held_action_only_where_it_beats_the_plan_ahead_of_an_imagined_end(
     env, trained_world_model, collected

@@ -177,6 +177,10 @@ class DreamerConfig(AgentConfig):
     probe_min_end: float = bounded(
         0.0, 0.0, 1.0, "probe only starts whose plan imagines an episode end with at least this probability (0 = all)"
     )
+    probe_from: int = bounded(0, 0, None, "env steps (this seed's) before which no update probes")
+    probe_max_return: float = bounded(
+        float("inf"), None, None, "probe only in updates whose mean imagined return is below this (inf = all)"
+    )
     lookahead: bool = bounded(
         False, doc="act through an imagined search: take a held action where it beats the actor's plan (probe.py)"
     )
@@ -226,6 +230,11 @@ class DreamerConfig(AgentConfig):
             raise ValueError(
                 f"DreamerConfig.probe_steps={self.probe_steps} must not exceed horizon={self.horizon}"
             )
+        if self.probes_gated and self.probe_scale == 0:
+            raise ValueError(
+                f"DreamerConfig.probe_from={self.probe_from} / probe_max_return={self.probe_max_return} "
+                "gate the probes, which are off: set probe_scale > 0"
+            )
         if self.lookahead and self.lookahead_steps > self.horizon:
             raise ValueError(
                 f"DreamerConfig.lookahead_steps={self.lookahead_steps} must not exceed horizon={self.horizon}"
@@ -256,6 +265,11 @@ class DreamerConfig(AgentConfig):
     def capacity(self) -> int:
         """Replay rows (one vectorised env step each)."""
         return -(-self.buffer_size // self.num_envs)
+
+    @property
+    def probes_gated(self) -> bool:
+        """Whether the probes run only in some updates (``probe_from``, ``probe_max_return``)."""
+        return self.probe_from > 0 or self.probe_max_return < float("inf")
 
     @property
     def updates_per_iteration(self) -> int:
@@ -605,6 +619,7 @@ BEHAVIOR_METRICS = (
     "critic/replay_return",
     "probe/improved",
     "probe/gain",
+    "probe/active",  # share of updates whose probes ran
 )
 REPLAY_METRICS = ("replay/terminal_windows",)  # share of the sampled windows holding a terminal step
 LOSS_METRICS = WORLD_MODEL_METRICS + BEHAVIOR_METRICS + REPLAY_METRICS
@@ -615,6 +630,10 @@ def _no_loss_metrics() -> dict[str, jax.Array]:
     return {k: jnp.zeros((), jnp.float32) for k in LOSS_METRICS}
 
 
+def _no_probe_metrics() -> dict[str, jax.Array]:
+    return {"probe/improved": jnp.zeros(()), "probe/gain": jnp.zeros(())}
+
+
 def time_major(seq: Any) -> Any:
     """[B, T, ...] -> [T, B, ...]."""
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), seq)
@@ -623,9 +642,11 @@ def time_major(seq: Any) -> Any:
 def update(
     n: Nets, cfg: DreamerConfig, params: dict[str, Any], opt_state: dict[str, Any],
     norm: behavior.ReturnNorm, seq: Step, rng: jax.Array, lrs: dict[str, Any] | None = None,
+    probing: jax.Array | bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any], behavior.ReturnNorm, dict[str, jax.Array]]:  # fmt: skip
     """One gradient update on time-major sequences ``seq``: world model, actor, critic, slow critic
-    (``lrs``: a population row's learning rates)."""
+    (``lrs``: a population row's learning rates; ``probing``: whether the probes may run, with
+    ``probe_scale > 0``)."""
     opts = _optimizers(cfg, lrs)
     k_wm, k_imagine = jax.random.split(rng)
     wm_grad = jax.value_and_grad(world_model_loss, argnums=1, has_aux=True)
@@ -659,16 +680,31 @@ def update(
         k_probe_starts, k_probe = jax.random.split(jax.random.fold_in(k_imagine, 1))
         probed = jax.random.permutation(k_probe_starts, start_cont.shape[0])[: cfg.probe_starts]
         probe_start, probe_cont = jax.tree.map(lambda x: x[probed], (start, start_cont))
-        probe_grads, probe_metrics = jax.grad(probe.probe_loss, has_aux=True)(
-            params["actor"], n.world_model, params["world_model"], n.actor, n.critic, params["critic"], probe_start,
-            probe_cont, norm.scale(cfg.return_norm_limit), k_probe, horizon=cfg.horizon, hold_steps=cfg.probe_steps,
-            unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam, margin=cfg.probe_margin, twohot=n.twohot,
-            min_end=cfg.probe_min_end,
-        )  # fmt: skip
+
+        def run_probes(actor_params: Any) -> tuple[Any, dict[str, jax.Array]]:
+            return jax.grad(probe.probe_loss, has_aux=True)(
+                actor_params, n.world_model, params["world_model"], n.actor, n.critic, params["critic"],
+                probe_start, probe_cont, norm.scale(cfg.return_norm_limit), k_probe, horizon=cfg.horizon,
+                hold_steps=cfg.probe_steps, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
+                margin=cfg.probe_margin, twohot=n.twohot, min_end=cfg.probe_min_end,
+            )  # fmt: skip
+
+        if cfg.probes_gated:
+            # Probes only for a seed that is past ``probe_from`` and expects little (its imagined
+            # return below ``probe_max_return``), so seeds that drive train as without them.
+            active = jnp.asarray(probing) & (actor_metrics["imagination/return"] < cfg.probe_max_return)
+
+            def no_probes(actor_params: Any) -> tuple[Any, dict[str, jax.Array]]:
+                return jax.tree.map(jnp.zeros_like, actor_params), _no_probe_metrics()
+
+            probe_grads, probe_metrics = seed_cond(active, run_probes, no_probes, params["actor"])
+        else:
+            active = jnp.ones((), bool)
+            probe_grads, probe_metrics = run_probes(params["actor"])
         grads = jax.tree.map(lambda g, h: g + cfg.probe_scale * h, grads, probe_grads)
-        actor_metrics = {**actor_metrics, **probe_metrics}
+        actor_metrics = {**actor_metrics, **probe_metrics, "probe/active": active.astype(jnp.float32)}
     else:
-        actor_metrics = {**actor_metrics, "probe/improved": jnp.zeros(()), "probe/gain": jnp.zeros(())}
+        actor_metrics = {**actor_metrics, **_no_probe_metrics(), "probe/active": jnp.zeros(())}
     updates, actor_opt = opts["actor"].update(grads, opt_state["actor"])
     actor_params = optax.apply_updates(params["actor"], updates)
 
@@ -704,6 +740,7 @@ def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any
     active = cfg.active_updates(ts.env_steps)
     n = nets(ts.env, cfg)
     lrs = {k: hyperparameter(ts, k) for k in HYPERPARAMETERS}
+    probing = ts.env_steps >= cfg.probe_from
     if cfg.terminal_windows > 0:
         terminals = terminal_replay.index(ts.replay, ts.replay.data.terminated, cfg.terminal_recent_rows)
 
@@ -717,7 +754,7 @@ def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any
         # Data parallel (a data mesh axis): each device takes a share of the batch's sequences and
         # XLA all-reduces the gradients, instead of every device running the whole update.
         seq = jax.tree.map(lambda x: split_on_data(x, axis=1), time_major(batch))
-        *updated, metrics = update(n, cfg, params, opt_state, norm, seq, k_update, lrs)
+        *updated, metrics = update(n, cfg, params, opt_state, norm, seq, k_update, lrs, probing)
         metrics["replay/terminal_windows"] = jnp.mean(jnp.any(seq.terminated > 0.5, axis=0).astype(jnp.float32))
         return tuple(updated), metrics
 
