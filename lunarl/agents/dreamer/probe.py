@@ -18,7 +18,10 @@ some step with at least that probability: a crash ahead), the actor's mean at th
 first ``probe_steps`` latents is pulled toward the held action (squared error; the other
 dimensions' targets are the actor's own means, so only ``j`` moves). Nothing here is
 differentiated through the model or the critic: the probes are a search, and the actor distils
-what it found. With ``DreamerConfig.lookahead`` the policy runs the same search
+what it found. ``probe_from`` and ``probe_max_return`` gate whole updates instead: the probes
+run only once a seed has ``probe_from`` env steps and while its imagined return is below the bound,
+so a seed whose critic already expects to drive trains as without them. With
+``DreamerConfig.lookahead`` the policy runs the same search
 (``candidate_search``) from its filtered latent at every step and acts with a winning held action.
 """
 
