@@ -237,7 +237,11 @@ def test_console_eta_counts_steps_per_seed(capsys):
     progress = ConsoleProgress(1000, 0, enabled=True, num_seeds=2)
     assert not progress.live  # pytest's captured stdout is not a terminal: plain lines
     progress.update({"global_step": 500, "perf/steps_per_second": 100.0})
-    assert "eta 10s" in capsys.readouterr().out  # 500 steps x 2 seeds / 100 per s
+    out = capsys.readouterr().out
+    assert "eta 10s" in out  # 500 steps x 2 seeds / 100 per s
+    assert "return -  success -" in out and "nan" not in out  # no episode has finished yet
+    progress.update({"global_step": 600, "perf/steps_per_second": 100.0, "charts/episode_return": 1.5, "charts/success_rate": 0.25})
+    assert "return 1.50  success 25%" in capsys.readouterr().out
 
 
 def test_parse_overrides_types_values_and_names_bad_fields():

@@ -140,6 +140,14 @@ class TensorBoardLogger:
             self.writer = None
 
 
+def _episode_text(ret: float, success: float) -> tuple[str, str]:
+    """Return and success rate for the console; "-" until an episode has finished (a "nan" there
+    reads like a diverged run)."""
+    if math.isnan(ret):
+        return "-", "-"
+    return f"{ret:.2f}", f"{success:.0%}"
+
+
 class ConsoleProgress:
     """Env steps, steps/s, return, success rate and ETA, as a live bar or plain lines."""
 
@@ -158,19 +166,19 @@ class ConsoleProgress:
                 BarColumn(),
                 TextColumn("{task.completed:,.0f}/{task.total:,.0f} steps"),
                 TextColumn("{task.fields[sps]:,.0f} steps/s"),
-                TextColumn("return {task.fields[ret]:.2f}"),
-                TextColumn("success {task.fields[success]:.0%}"),
+                TextColumn("return {task.fields[ret]}"),
+                TextColumn("success {task.fields[success]}"),
                 TimeRemainingColumn(),
                 console=self.console,
             )
             # "compiling" until the first chunk returns (the first compile takes a while on CPU).
-            self.task = self.progress.add_task("compiling", total=total_steps, completed=start_steps, sps=0.0, ret=math.nan, success=math.nan)
+            self.task = self.progress.add_task("compiling", total=total_steps, completed=start_steps, sps=0.0, ret="-", success="-")
             self.progress.start()
 
     def start_at(self, steps: int) -> None:
         """Where a resumed run starts (so the bar and its ETA do not count restored steps)."""
         if self.progress is not None:
-            self.progress.reset(self.task, total=self.total, completed=steps, sps=0.0, ret=math.nan, success=math.nan)
+            self.progress.reset(self.task, total=self.total, completed=steps, sps=0.0, ret="-", success="-")
 
     def print(self, message: str) -> None:
         if self.progress is not None:
@@ -186,13 +194,16 @@ class ConsoleProgress:
         # Chunks in which no episode finished carry no episode statistics: keep the last ones.
         ret = self.last_return = row.get(EPISODE_RETURN, self.last_return)
         success = self.last_success = row.get(SUCCESS_RATE, self.last_success)
+        ret_text, success_text = _episode_text(ret, success)
         if self.progress is not None:
-            self.progress.update(self.task, description="train", completed=steps, sps=sps, ret=ret, success=success)
+            self.progress.update(
+                self.task, description="train", completed=steps, sps=sps, ret=ret_text, success=success_text
+            )
             return
-        eta = (self.total - steps) * self.num_seeds / sps if sps > 0 else float("nan")
+        eta = f"{(self.total - steps) * self.num_seeds / sps:,.0f}s" if sps > 0 else "-"
         self.print(
-            f"step {steps:,}/{self.total:,}  {sps:,.0f} steps/s  return {ret:.2f}  "
-            f"success {success:.0%}  eta {eta:,.0f}s"
+            f"step {steps:,}/{self.total:,}  {sps:,.0f} steps/s  return {ret_text}  "
+            f"success {success_text}  eta {eta}"
         )
 
     def close(self) -> None:
