@@ -21,8 +21,8 @@ differentiated through the model or the critic: the probes are a search, and the
 what it found. ``probe_from`` and ``probe_max_return`` gate whole updates instead: the probes
 run only once a seed has ``probe_from`` env steps and while its imagined return is below the bound,
 so a seed whose critic already expects to drive trains as without them. With
-``DreamerConfig.lookahead`` the policy runs the same search
-(``candidate_search``) from its filtered latent at every step and acts with a winning held action.
+``DreamerConfig.lookahead`` the policy runs the same search (``candidate_search``) from its
+filtered latent at every step and acts with a winning held action.
 """
 
 from __future__ import annotations
