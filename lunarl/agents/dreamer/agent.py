@@ -698,7 +698,7 @@ def update(
                 return jax.tree.map(jnp.zeros_like, actor_params), _no_probe_metrics()
 
             probe_grads, probe_metrics = seed_cond(active, run_probes, no_probes, params["actor"])
-        else:
+        else:  # no branch: ungated runs keep the program (and the floats) they had before the gate
             active = jnp.ones((), bool)
             probe_grads, probe_metrics = run_probes(params["actor"])
         grads = jax.tree.map(lambda g, h: g + cfg.probe_scale * h, grads, probe_grads)
