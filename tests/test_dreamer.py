@@ -621,6 +621,36 @@ def test_crash_foresight_script_reads_the_episodes_eval_unseen_tracks_drives(uni
     assert err.startswith("car_crash_foresight: no checkpoint directory at") and err.count("\n") == 1
 
 
+def test_replay_windows_script_accounts_for_every_step_the_checkpoint_holds(uninterrupted, tmp_path, capsys):
+    """``scripts/replay_windows.py`` cuts each seed's replay into windows of env steps: together
+    they hold exactly the replay's episode ends and starts, in order, with shares and action means
+    in range; bad input gets one-line errors."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import replay_windows
+
+    out = tmp_path / "windows.json"
+    assert replay_windows.main([str(uninterrupted), "--window", "64", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    _, state = _final_state(uninterrupted)
+    assert report["global_step"] == 3 * STEPS_PER_CHUNK and len(report["per_seed"]) == 1
+    (rows,) = report["per_seed"]
+    assert [w["env_steps"] for w in rows] == [64, 128, 192]  # 4 envs: 16 rows a window
+    data = state.replay.data
+    assert sum(w["terminations"] for w in rows) == int(np.asarray(data.terminated).sum())
+    assert sum(w["episode_starts"] for w in rows) == int(np.asarray(data.is_first).sum())
+    assert sum(w["reward_sum"] for w in rows) == pytest.approx(float(np.asarray(data.reward).sum()), abs=1e-2)
+    assert rows[0]["episode_starts"] >= 4  # every env starts an episode in the first window
+    for w in rows:
+        assert 0 <= w["positive_reward_share"] <= 1
+        assert all(-1 <= a <= 1 for a in w["action_mean"]) and all(0 <= a <= 1 for a in w["action_abs_mean"])
+    capsys.readouterr()
+    assert replay_windows.main([str(uninterrupted), "--window", "0"]) == 1
+    assert capsys.readouterr().err == "replay_windows: --window=0 must be a positive number of env steps\n"
+    assert replay_windows.main([str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("replay_windows: no checkpoint directory at") and err.count("\n") == 1
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="size"):
         dreamer.DreamerConfig.build(size="huge")
