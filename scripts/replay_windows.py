@@ -26,8 +26,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
+from lunarl.agents import replay as replay_lib
 from lunarl.run.checkpoint import CheckpointError
 from lunarl.run.restore import checkpoint_dir_of, restore_run
 
@@ -35,10 +37,18 @@ from lunarl.run.restore import checkpoint_dir_of, restore_run
 FIELDS = ("action", "reward", "terminated", "is_first")
 
 
+def time_ordered(replay: replay_lib.Replay, seed: int) -> dict[str, np.ndarray]:
+    """One seed's written rows of a seed-stacked replay (leaves ``[seeds, capacity, num_envs,
+    ...]``), oldest first: ``FIELDS`` as ``[size, num_envs, ...]`` arrays."""
+    one = jax.tree.map(lambda x: x[seed], replay)
+    rows = (np.asarray(replay_lib.oldest_row(one)) + np.arange(int(one.size))) % one.capacity
+    return {f: np.asarray(getattr(one.data, f))[rows] for f in FIELDS}
+
+
 def windows(data: dict[str, np.ndarray], num_envs: int, window: int) -> list[dict[str, Any]]:
     """One seed's written rows (leaves ``[rows, num_envs, ...]``, oldest first) in windows of
     ``window`` env steps."""
-    rows_per_window = max(1, window // num_envs)
+    rows_per_window = window // num_envs
     out = []
     for start in range(0, data["reward"].shape[0], rows_per_window):
         part = {k: v[start : start + rows_per_window] for k, v in data.items()}
@@ -64,9 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=2048, help="env steps per window (all of a seed's envs)")
     parser.add_argument("--out", type=Path, default=None, help="JSON file (default: RUN_DIR/replay-windows-ITER.json)")
     args = parser.parse_args(argv)
-    if args.window < 1:
-        print(f"replay_windows: --window={args.window} must be a positive number of env steps", file=sys.stderr)
-        return 1
     try:
         saved = restore_run(checkpoint_dir_of(args.run_dir), args.checkpoint)
     except CheckpointError as e:
@@ -76,15 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     if replay is None or any(not hasattr(replay.data, f) for f in FIELDS):
         print(f"replay_windows: needs a Dreamer run (its checkpoint holds no replay of steps): {args.run_dir}", file=sys.stderr)
         return 1
-    # Seed-stacked leaves [seeds, capacity, num_envs, ...]; rows in time order from the oldest.
-    size, position = np.asarray(replay.size), np.asarray(replay.position)
-    leaves = {f: np.asarray(getattr(replay.data, f)) for f in FIELDS}
-    capacity, num_envs = leaves["reward"].shape[1:3]
+    num_envs = replay.data.reward.shape[2]  # seed-stacked: [seeds, capacity, num_envs]
+    if args.window < num_envs or args.window % num_envs:
+        print(f"replay_windows: --window={args.window} must be a positive multiple of the run's {num_envs} envs", file=sys.stderr)
+        return 1
     per_seed = []
-    for seed in range(size.shape[0]):
-        order = (position[seed] - size[seed] + np.arange(size[seed])) % capacity
-        data = {f: v[seed][order] for f, v in leaves.items()}
-        per_seed.append(windows(data, num_envs, args.window))
+    for seed in range(replay.size.shape[0]):
+        per_seed.append(windows(time_ordered(replay, seed), num_envs, args.window))
         print(f"seed {seed}: " + "  ".join(
             f"{w['env_steps']}: action {w['action_mean']} reward>0 {w['positive_reward_share']:.2f} "
             f"ends {w['terminations']}" for w in per_seed[-1]))  # fmt: skip

@@ -645,10 +645,31 @@ def test_replay_windows_script_accounts_for_every_step_the_checkpoint_holds(unin
         assert all(-1 <= a <= 1 for a in w["action_mean"]) and all(0 <= a <= 1 for a in w["action_abs_mean"])
     capsys.readouterr()
     assert replay_windows.main([str(uninterrupted), "--window", "0"]) == 1
-    assert capsys.readouterr().err == "replay_windows: --window=0 must be a positive number of env steps\n"
+    assert capsys.readouterr().err == "replay_windows: --window=0 must be a positive multiple of the run's 4 envs\n"
+    assert replay_windows.main([str(uninterrupted), "--window", "30"]) == 1
+    assert capsys.readouterr().err == "replay_windows: --window=30 must be a positive multiple of the run's 4 envs\n"
     assert replay_windows.main([str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("replay_windows: no checkpoint directory at") and err.count("\n") == 1
+
+
+def test_replay_windows_reads_a_wrapped_buffer_oldest_row_first():
+    """Once the ring buffer has wrapped, the script's rows start at the oldest one still held."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import replay_windows
+
+    example = dreamer.Step(obs=jnp.zeros(2), is_first=jnp.zeros(()), action=jnp.zeros(1), reward=jnp.zeros(()),
+                           next_obs=jnp.zeros(2), terminated=jnp.zeros(()))  # fmt: skip
+    rows = lambda start, n: jax.tree.map(  # noqa: E731
+        lambda x: jnp.broadcast_to(jnp.arange(start, start + n, dtype=jnp.float32).reshape((n, 1) + (1,) * x.ndim),
+                                   (n, 2) + x.shape), example)  # fmt: skip
+    replay = replay_lib.add(replay_lib.add(replay_lib.init(4, 2, example), rows(0, 3)), rows(3, 3))
+    stacked = jax.tree.map(lambda x: jnp.stack([x, x]), replay)  # two seeds
+    data = replay_windows.time_ordered(stacked, 1)
+    np.testing.assert_array_equal(data["reward"][:, 0], [2, 3, 4, 5])  # rows 0-1 were overwritten
+    assert data["action"].shape == (4, 2, 1)
+    (first, second) = replay_windows.windows(data, num_envs=2, window=4)
+    assert (first["env_steps"], first["reward_sum"], second["reward_sum"]) == (4, 10.0, 18.0)
 
 
 def test_config_rejects_bad_values():
