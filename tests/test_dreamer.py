@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -526,6 +527,23 @@ def test_dreamer_trains_logs_and_evaluates_through_the_apps(uninterrupted, dream
     result = json.loads(Path(proc.stdout.strip().splitlines()[-1].split()[1]).read_text())
     assert result["agent"] == "dreamer" and result["iteration"] == 6
     assert np.isfinite(result["eval/episode_return"])
+
+    # scripts/eval_checkpoints.py drives the app's episodes: the same success and return. This run
+    # keeps no actor average, so its live actor is the evaluated one.
+    script = Path(__file__).resolve().parents[1] / "scripts" / "eval_checkpoints.py"
+    table = uninterrupted / "checkpoints.json"
+    proc = subprocess.run([sys.executable, str(script), str(uninterrupted), "--checkpoints", "4,6", "--episodes", "4",
+                           "--out", str(table)], env=dreamer_env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(table.read_text())["rows"]
+    assert [(r["iteration"], r["global_step"]) for r in rows] == [(4, 2 * STEPS_PER_CHUNK), (6, 3 * STEPS_PER_CHUNK)]
+    assert rows[1]["evaluated"] == [pytest.approx(result["eval/success_rate"])]
+    assert rows[1]["evaluated_return"] == [pytest.approx(result["eval/episode_return"], abs=1e-4)]
+    assert all(r["live"] == r["evaluated"] and r["live_return"] == r["evaluated_return"] for r in rows)
+    proc = subprocess.run([sys.executable, str(script), str(uninterrupted), "--checkpoints", "5"],
+                          env=dreamer_env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith("eval_checkpoints: no checkpoint for iteration 5"), proc.stderr
 
     # The report draws Dreamer's own panels (world model, actor/critic/imagination), not PPO's losses.
     out = uninterrupted / "report"
