@@ -21,15 +21,12 @@ import json
 import sys
 from pathlib import Path
 
-import jax
-import numpy as np
-
 from lunarl.run.checkpoint import CheckpointError
-from lunarl.run.evaluation import eval_keys, make_evaluator, summarize
+from lunarl.run.evaluation import eval_keys, make_evaluator
 from lunarl.run.restore import checkpoint_dir_of, restore_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_unseen_tracks import live_actor_params, parse_iterations  # noqa: E402
+from eval_unseen_tracks import parse_iterations, score_both_actors  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,20 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         plan = saved.plan
         evaluator = evaluator or make_evaluator(saved.agent, saved.env, plan.agent_config, args.episodes, True)
-        evaluated = jax.vmap(saved.agent.policy_params)(saved.state)
-        live = live_actor_params(saved, evaluated) or evaluated
         keys = eval_keys(args.eval_seed, saved.meta["iteration"], plan.cfg.num_seeds)
-        row = {"iteration": saved.meta["iteration"], "global_step": saved.meta["global_step"]}
-        for name, params in (("evaluated", evaluated), ("live", live)):
-            summary = summarize(jax.device_get(evaluator(params, keys)))
-            row[name] = [round(float(x), 4) for x in np.ravel(summary["success_rate"])]
-            row[f"{name}_return"] = [round(float(x), 4) for x in np.ravel(summary["episode_return"])]
-        rows.append(row)
-        print(
-            f"{row['global_step']:,} env steps: success per seed, evaluated "
-            + " ".join(f"{x:.1%}" for x in row["evaluated"]) + ", live " + " ".join(f"{x:.1%}" for x in row["live"]),
-            flush=True,
-        )
+        rows.append(score_both_actors(saved, lambda params: evaluator(params, keys)))  # noqa: B023 (called at once)
     report = {
         "run_dir": str(args.run_dir),
         "episodes_per_seed": args.episodes,

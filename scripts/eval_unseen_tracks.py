@@ -121,6 +121,25 @@ def held_out_driver(saved: SavedRun, keys: jax.Array) -> Callable[[Any], dict[st
     return jax.jit(jax.vmap(drive), compiler_options=lunarl.compile_options(env))
 
 
+def score_both_actors(saved: SavedRun, drive: Callable[[Any], dict[str, jax.Array]]) -> dict[str, Any]:
+    """One checkpoint's row: the success rate and mean return of every seed, by the evaluated
+    actor (``policy_params``) and by the live one, each driven by ``drive(params)``; both names
+    drive one actor where the run keeps no average. Printed as one line."""
+    evaluated = jax.vmap(saved.agent.policy_params)(saved.state)
+    live = live_actor_params(saved, evaluated) or evaluated
+    row: dict[str, Any] = {"iteration": saved.meta["iteration"], "global_step": saved.meta["global_step"]}
+    for name, params in (("evaluated", evaluated), ("live", live)):
+        summary = summarize(jax.device_get(drive(params)))
+        row[name] = [round(float(x), 4) for x in np.ravel(summary["success_rate"])]
+        row[f"{name}_return"] = [round(float(x), 4) for x in np.ravel(summary["episode_return"])]
+    print(
+        f"{row['global_step']:,} env steps: success per seed, evaluated "
+        + " ".join(f"{x:.1%}" for x in row["evaluated"]) + ", live " + " ".join(f"{x:.1%}" for x in row["live"]),
+        flush=True,
+    )
+    return row
+
+
 def evaluate_checkpoints(args: argparse.Namespace, iterations: list[int]) -> int:
     """``--checkpoints``: each listed checkpoint, by the evaluated and the live actor."""
     keys = track_keys(args.first_track_seed, args.episodes)
@@ -130,18 +149,7 @@ def evaluate_checkpoints(args: argparse.Namespace, iterations: list[int]) -> int
         if saved is None:
             return 1
         drive = drive or held_out_driver(saved, keys)  # one program for every checkpoint and both actors
-        evaluated = jax.vmap(saved.agent.policy_params)(saved.state)
-        live = live_actor_params(saved, evaluated) or evaluated  # no average: both names drive one actor
-        row = {"iteration": saved.meta["iteration"], "global_step": saved.meta["global_step"], "episodes": args.episodes}
-        for name, params in (("evaluated", evaluated), ("live", live)):
-            summary = summarize(jax.device_get(drive(params)))
-            row[name] = [round(float(x), 4) for x in np.ravel(summary["success_rate"])]
-            row[f"{name}_return"] = [round(float(x), 4) for x in np.ravel(summary["episode_return"])]
-        rows.append(row)
-        print(
-            f"{row['global_step']:,} env steps: success per seed, evaluated "
-            + " ".join(f"{x:.1%}" for x in row["evaluated"]) + ", live " + " ".join(f"{x:.1%}" for x in row["live"])
-        )
+        rows.append({**score_both_actors(saved, drive), "episodes": args.episodes})
     report = {
         "run_dir": str(args.run_dir),
         "track_seeds": [args.first_track_seed, args.first_track_seed + args.episodes - 1],
