@@ -124,6 +124,19 @@ def assert_same_state(a, b) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
 
 
+def assert_state_within_rounding(a, b, rtol: float = 1e-5) -> None:
+    """Integer leaves (steps, keys, indices) equal bit for bit, float leaves within rtol."""
+    import jax
+    import numpy as np
+
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        if np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-9, err_msg=jax.tree_util.keystr(path))
+        else:
+            np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+
+
 # --------------------------------------------------------------------------------------------
 # Order of the files (``make test``: whole files to two xdist workers, in collection order)
 # --------------------------------------------------------------------------------------------

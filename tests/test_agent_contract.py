@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, assert_same_state, final_state, run_app
+from conftest import REPO, assert_state_within_rounding, final_state, run_app
 
 import lunarl
 from lunarl.agents import get as get_agent
@@ -206,9 +206,12 @@ def test_counter_agent_trains_logs_and_evaluates_through_the_apps(uninterrupted,
     assert np.isfinite(result["eval/episode_return"])
 
 
-def test_checkpoint_written_on_two_devices_resumes_bit_identically_on_one(uninterrupted, tmp_path, app_env):
+def test_checkpoint_written_on_two_devices_resumes_on_one(uninterrupted, tmp_path, app_env):
     # Stopped after 2 of 4 chunks on a (seed=2) mesh of two devices, resumed on one: the whole
-    # TrainState, carry included, ends as in the uninterrupted one-device run.
+    # TrainState, carry included, ends as in the uninterrupted one-device run. Integer leaves
+    # (steps, keys, counters) match bit for bit; floats to rounding, because XLA may compile a
+    # one-seed shard differently from the two-seed program (on an AMD EPYC family 25 model 1 two
+    # parameters differed by 1 ulp; on model 17 none). A lost or re-initialised state is far off.
     run_dir = tmp_path / "two_devices"
     flags = f"{app_env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
     proc = _train(app_env, run_dir, 2, {"XLA_FLAGS": flags})
@@ -216,5 +219,5 @@ def test_checkpoint_written_on_two_devices_resumes_bit_identically_on_one(uninte
     proc = _train(app_env, run_dir, 4)
     assert "resuming from checkpoint at iteration 4" in proc.stdout
     assert "over 1 cpu device(s)" in proc.stdout
-    assert_same_state(final_state(uninterrupted)[1], final_state(run_dir)[1])
+    assert_state_within_rounding(final_state(uninterrupted)[1], final_state(run_dir)[1])
     assert os.listdir(run_dir / "checkpoints" / "latest")
