@@ -115,26 +115,18 @@ def adam_counts(opt_state) -> dict[str, int]:
     }
 
 
-def assert_same_state(a, b) -> None:
-    """Every leaf of two TrainStates equal bit for bit (the failing leaf's path in the message)."""
+def assert_same_state(a, b, float_rtol: float = 0.0) -> None:
+    """Every leaf of two TrainStates equal bit for bit (the failing leaf's path in the message);
+    with ``float_rtol`` > 0, float leaves within it (integers, keys and counters still exact)."""
     import jax
     import numpy as np
 
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
-
-
-def assert_state_within_rounding(a, b, rtol: float = 1e-5) -> None:
-    """Integer leaves (steps, keys, indices) equal bit for bit, float leaves within rtol."""
-    import jax
-    import numpy as np
-
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
-        x, y = np.asarray(x), np.asarray(y)
-        if np.issubdtype(x.dtype, np.floating):
-            np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-9, err_msg=jax.tree_util.keystr(path))
+        x, y, where = np.asarray(x), np.asarray(y), jax.tree_util.keystr(path)
+        if float_rtol > 0 and np.issubdtype(x.dtype, np.floating):
+            np.testing.assert_allclose(x, y, rtol=float_rtol, atol=1e-9, err_msg=where)
         else:
-            np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+            np.testing.assert_array_equal(x, y, err_msg=where)
 
 
 # --------------------------------------------------------------------------------------------
