@@ -690,6 +690,34 @@ def test_replay_windows_reads_a_wrapped_buffer_oldest_row_first():
     assert (first["env_steps"], first["reward_sum"], second["reward_sum"]) == (4, 10.0, 18.0)
 
 
+def test_adaptive_clip_bounds_each_tensors_gradient_by_its_parameter_norm():
+    params = {"w": jnp.full((3, 4), 0.5), "b": jnp.zeros(4), "v": jnp.ones(2)}
+    grads = {"w": jnp.arange(12.0).reshape(3, 4), "b": jnp.full(4, 1.0), "v": jnp.array([1e-3, -2e-3])}
+    clip = dreamer.clip_by_parameter_norm(0.3)
+    clipped, _ = clip.update(grads, clip.init(params), params)
+    for key in params:
+        g, p = np.asarray(grads[key], np.float64), np.asarray(params[key], np.float64)
+        limit = 0.3 * max(np.linalg.norm(p), 1e-3)  # a zero bias is held to 0.3 x 1e-3
+        expected = g * min(1.0, limit / np.linalg.norm(g))
+        np.testing.assert_allclose(clipped[key], expected, rtol=1e-6, atol=0)
+    assert np.linalg.norm(clipped["w"]) == pytest.approx(0.3 * np.linalg.norm(params["w"]), rel=1e-6)
+    np.testing.assert_array_equal(clipped["v"], grads["v"])  # under its limit: untouched
+    with pytest.raises(ValueError, match="parameters"):
+        clip.update(grads, clip.init(params))
+
+    # agc > 0 puts it in front of Adam in all three optimisers, with the state of the global clip.
+    on = dreamer._optimizers(dreamer.DreamerConfig.build(agc=0.3))
+    off = dreamer._optimizers(dreamer.DreamerConfig.build())
+    for name in ("world_model", "actor", "critic"):
+        state = on[name].init(params)
+        assert jax.tree.structure(state) == jax.tree.structure(off[name].init(params))
+        with pytest.raises(ValueError, match="parameters"):
+            on[name].update(grads, state)
+        off[name].update(grads, state)  # the global-norm clip needs no parameters
+    with pytest.raises(ValueError, match="agc"):
+        dreamer.DreamerConfig.build(agc=-0.1)
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="size"):
         dreamer.DreamerConfig.build(size="huge")

@@ -147,6 +147,10 @@ class DreamerConfig(AgentConfig):
     model_clip: float = bounded(1000.0, 1e-6, None, "global-norm gradient clip of the world model")
     actor_clip: float = bounded(100.0, 1e-6, None)
     critic_clip: float = bounded(100.0, 1e-6, None)
+    agc: float = bounded(
+        0.0, 0.0, None, "adaptive clip: each tensor's gradient norm at most this x its parameter norm, "
+        "in place of the global-norm clips (0 = off; DreamerV3: 0.3)"
+    )
     model_eps: float = bounded(1e-8, 0.0, 1.0, "Adam epsilon")
     ac_eps: float = bounded(1e-5, 0.0, 1.0, "Adam epsilon of actor and critic")
     dyn_scale: float = bounded(1.0, 0.0, None)
@@ -366,13 +370,34 @@ def nets(env: LunarEnv, cfg: DreamerConfig) -> Nets:
     )
 
 
+def clip_by_parameter_norm(ratio: float, min_norm: float = 1e-3) -> optax.GradientTransformation:
+    """DreamerV3's adaptive gradient clipping: scale each tensor's gradient down so its norm is at
+    most ``ratio`` x that tensor's parameter norm (at least ``min_norm``, so a zero-initialised bias
+    still moves). Per tensor, unlike ``optax.adaptive_grad_clip``, which clips each output unit of a
+    kernel on its own (NFNets). Its state is ``EmptyState`` like the global-norm clip's, so the
+    optimiser state has one structure either way."""
+
+    def update(grads: Any, state: optax.EmptyState, params: Any = None) -> tuple[Any, optax.EmptyState]:
+        if params is None:
+            raise ValueError("clip_by_parameter_norm needs the parameters: call update(grads, state, params)")
+
+        def clip(grad: jax.Array, param: jax.Array) -> jax.Array:
+            limit = ratio * jnp.maximum(jnp.linalg.norm(param.ravel()), min_norm)
+            return grad / jnp.maximum(1.0, jnp.linalg.norm(grad.ravel()) / limit)
+
+        return jax.tree.map(clip, grads, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _optimizers(cfg: DreamerConfig, lrs: dict[str, Any] | None = None) -> dict[str, optax.GradientTransformation]:
     """The three optimisers; ``lrs`` overrides ``cfg``'s learning rates (a population row's
     arrays: Adam's state does not depend on them, so it is the same state either way)."""
     lr = {k: getattr(cfg, k) for k in HYPERPARAMETERS} | dict(lrs or {})
 
     def opt(lr: Any, clip: float, eps: float) -> optax.GradientTransformation:
-        return optax.chain(optax.clip_by_global_norm(clip), optax.adam(lr, eps=eps))
+        clipping = clip_by_parameter_norm(cfg.agc) if cfg.agc > 0 else optax.clip_by_global_norm(clip)
+        return optax.chain(clipping, optax.adam(lr, eps=eps))
 
     return {
         "world_model": opt(lr["model_lr"], cfg.model_clip, cfg.model_eps),
@@ -655,7 +680,7 @@ def update(
         dyn_scale=cfg.dyn_scale, rep_scale=cfg.rep_scale, twohot=n.twohot, reward_scale=cfg.reward_scale,
         cont_scale=cfg.cont_scale,
     )  # fmt: skip
-    updates, wm_opt = opts["world_model"].update(grads, opt_state["world_model"])
+    updates, wm_opt = opts["world_model"].update(grads, opt_state["world_model"], params["world_model"])
     wm_params = optax.apply_updates(params["world_model"], updates)
 
     # Imagine from the posterior latents of the batch (all of them, or a random subset of
@@ -705,7 +730,7 @@ def update(
         actor_metrics = {**actor_metrics, **probe_metrics, "probe/active": active.astype(jnp.float32)}
     else:
         actor_metrics = {**actor_metrics, **_no_probe_metrics(), "probe/active": jnp.zeros(())}
-    updates, actor_opt = opts["actor"].update(grads, opt_state["actor"])
+    updates, actor_opt = opts["actor"].update(grads, opt_state["actor"], params["actor"])
     actor_params = optax.apply_updates(params["actor"], updates)
 
     replay_feat = jax.lax.stop_gradient(observed.latent.feat)
@@ -723,7 +748,7 @@ def update(
         return loss + cfg.replay_value_scale * replay_loss, {**metrics, **replay_metrics}
 
     (_, critic_metrics), grads = jax.value_and_grad(critic_losses, has_aux=True)(params["critic"])
-    updates, critic_opt = opts["critic"].update(grads, opt_state["critic"])
+    updates, critic_opt = opts["critic"].update(grads, opt_state["critic"], params["critic"])
     critic_params = optax.apply_updates(params["critic"], updates)
     slow = optax.incremental_update(critic_params, params["slow_critic"], cfg.slow_critic_rate)
 
