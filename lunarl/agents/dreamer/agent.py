@@ -113,8 +113,9 @@ class DreamerConfig(AgentConfig):
     """Dreamer hyperparameters. Defaults follow DreamerV3 where the CPU allows (discount
     1 - 1/333, lambda 0.95, horizon 15, free nats 1, unimix 1%, 255 bins, slow critic 0.02,
     return percentiles 5-95 with EMA 0.01 and limit 1, entropy 3e-4, dyn 1.0 / rep 0.1);
-    learning rates and clipping are those of its 2023 code (Adam), and the batch, sequence
-    length and ``train_ratio`` are smaller so a CPU iteration stays short."""
+    learning rates and clipping are those of its 2023 code (Adam; ``agc > 0`` clips as its current
+    code does, per tensor), and the batch, sequence length and ``train_ratio`` are smaller so a CPU
+    iteration stays short."""
 
     size: str = "tiny"
     behavior_layers: int = bounded(
