@@ -520,6 +520,8 @@ def test_dreamer_trains_logs_and_evaluates_through_the_apps(uninterrupted, dream
                 "imagination/return", "actor/entropy", "critic/loss"):
         assert np.isfinite(train_rows[-1][key]), key
     assert train_rows[-1]["world_model/loss"] > 0 and train_rows[-1]["actor/entropy"] != 0
+    for part in ("world_model", "actor", "critic"):  # raw gradients, and how often their clip bound
+        assert train_rows[-1][f"{part}/grad_norm"] > 0 and 0 <= train_rows[-1][f"{part}/clipped"] <= 1, part
     assert [r["iteration"] for r in rows if "eval/episode_return" in r] == [2, 4, 6]
 
     proc = run_app(dreamer_env, "lunarl.evaluate", f"run.dir={uninterrupted}", "eval.episodes=4", cwd=uninterrupted)
@@ -716,6 +718,15 @@ def test_adaptive_clip_bounds_each_tensors_gradient_by_its_parameter_norm():
         off[name].update(grads, state)  # the global-norm clip needs no parameters
     with pytest.raises(ValueError, match="agc"):
         dreamer.DreamerConfig.build(agc=-0.1)
+
+    # The logged share: of the tensors with agc (w and b bound, v not), else whether the global
+    # norm passed its clip.
+    logged = dreamer._gradient_metrics("actor", grads, params, dreamer.DreamerConfig.build(agc=0.3))
+    assert float(logged["actor/clipped"]) == pytest.approx(2 / 3)
+    assert float(logged["actor/grad_norm"]) == pytest.approx(float(optax.global_norm(grads)))
+    for clip, bound in ((100.0, 0.0), (1.0, 1.0)):
+        logged = dreamer._gradient_metrics("critic", grads, params, dreamer.DreamerConfig.build(critic_clip=clip))
+        assert float(logged["critic/clipped"]) == bound
 
 
 def test_config_rejects_bad_values():

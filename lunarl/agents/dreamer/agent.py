@@ -104,6 +104,8 @@ SIZES: dict[str, ModelDims] = {
     "12m": ModelDims(deter=2048, hidden=256, stoch=32, classes=16, units=256, layers=2),
 }
 ACTOR_GRADS = ("backprop", "reinforce", "mix")
+#: The smallest parameter norm the adaptive clip (``agc``) scales by, so a zero bias still moves.
+AGC_MIN_NORM = 1e-3
 #: What ``behavior_reset_at`` restarts: the critic (and its slow copy), or the actor (and its average) too.
 BEHAVIOR_RESETS = ("critic", "actor_critic")
 
@@ -371,7 +373,7 @@ def nets(env: LunarEnv, cfg: DreamerConfig) -> Nets:
     )
 
 
-def clip_by_parameter_norm(ratio: float, min_norm: float = 1e-3) -> optax.GradientTransformation:
+def clip_by_parameter_norm(ratio: float, min_norm: float = AGC_MIN_NORM) -> optax.GradientTransformation:
     """DreamerV3's adaptive gradient clipping: scale each tensor's gradient down so its norm is at
     most ``ratio`` x that tensor's parameter norm (at least ``min_norm``, so a zero-initialised bias
     still moves). Per tensor, unlike ``optax.adaptive_grad_clip``, which clips each output unit of a
@@ -383,12 +385,27 @@ def clip_by_parameter_norm(ratio: float, min_norm: float = 1e-3) -> optax.Gradie
             raise ValueError("clip_by_parameter_norm needs the parameters: call update(grads, state, params)")
 
         def clip(grad: jax.Array, param: jax.Array) -> jax.Array:
-            limit = ratio * jnp.maximum(jnp.linalg.norm(param.ravel()), min_norm)
-            return grad / jnp.maximum(1.0, jnp.linalg.norm(grad.ravel()) / limit)
+            return grad / jnp.maximum(1.0, jnp.linalg.norm(grad.ravel()) / _agc_limit(param, ratio, min_norm))
 
         return jax.tree.map(clip, grads, params), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _agc_limit(param: jax.Array, ratio: float, min_norm: float = AGC_MIN_NORM) -> jax.Array:
+    return ratio * jnp.maximum(jnp.linalg.norm(param.ravel()), min_norm)
+
+
+def _gradient_metrics(part: str, grads: Any, params: Any, cfg: DreamerConfig) -> dict[str, jax.Array]:
+    """``GRADIENT_METRICS`` of one optimiser (``part``) for its raw gradient."""
+    norm = optax.global_norm(grads)
+    if cfg.agc > 0:
+        bound = jax.tree.map(lambda g, p: jnp.linalg.norm(g.ravel()) > _agc_limit(p, cfg.agc), grads, params)
+        clipped = jnp.mean(jnp.stack(jax.tree.leaves(bound)).astype(jnp.float32))
+    else:
+        clip = {"world_model": cfg.model_clip, "actor": cfg.actor_clip, "critic": cfg.critic_clip}[part]
+        clipped = (norm > clip).astype(jnp.float32)
+    return {f"{part}/grad_norm": norm, f"{part}/clipped": clipped}
 
 
 def _optimizers(cfg: DreamerConfig, lrs: dict[str, Any] | None = None) -> dict[str, optax.GradientTransformation]:
@@ -648,7 +665,10 @@ BEHAVIOR_METRICS = (
     "probe/active",  # share of updates whose probes ran
 )
 REPLAY_METRICS = ("replay/terminal_windows",)  # share of the sampled windows holding a terminal step
-LOSS_METRICS = WORLD_MODEL_METRICS + BEHAVIOR_METRICS + REPLAY_METRICS
+# Per optimiser, averaged over the iteration's updates: the global norm of the raw gradient, and how
+# often the clip bound (the global-norm clip: the share of updates; agc: of tensors x updates).
+GRADIENT_METRICS = tuple(f"{part}/{m}" for part in ("world_model", "actor", "critic") for m in ("grad_norm", "clipped"))
+LOSS_METRICS = WORLD_MODEL_METRICS + BEHAVIOR_METRICS + REPLAY_METRICS + GRADIENT_METRICS
 
 
 def _no_loss_metrics() -> dict[str, jax.Array]:
@@ -681,6 +701,7 @@ def update(
         dyn_scale=cfg.dyn_scale, rep_scale=cfg.rep_scale, twohot=n.twohot, reward_scale=cfg.reward_scale,
         cont_scale=cfg.cont_scale,
     )  # fmt: skip
+    gradient_metrics = _gradient_metrics("world_model", grads, params["world_model"], cfg)
     updates, wm_opt = opts["world_model"].update(grads, opt_state["world_model"], params["world_model"])
     wm_params = optax.apply_updates(params["world_model"], updates)
 
@@ -731,6 +752,7 @@ def update(
         actor_metrics = {**actor_metrics, **probe_metrics, "probe/active": active.astype(jnp.float32)}
     else:
         actor_metrics = {**actor_metrics, **_no_probe_metrics(), "probe/active": jnp.zeros(())}
+    gradient_metrics |= _gradient_metrics("actor", grads, params["actor"], cfg)
     updates, actor_opt = opts["actor"].update(grads, opt_state["actor"], params["actor"])
     actor_params = optax.apply_updates(params["actor"], updates)
 
@@ -749,6 +771,7 @@ def update(
         return loss + cfg.replay_value_scale * replay_loss, {**metrics, **replay_metrics}
 
     (_, critic_metrics), grads = jax.value_and_grad(critic_losses, has_aux=True)(params["critic"])
+    gradient_metrics |= _gradient_metrics("critic", grads, params["critic"], cfg)
     updates, critic_opt = opts["critic"].update(grads, opt_state["critic"], params["critic"])
     critic_params = optax.apply_updates(params["critic"], updates)
     slow = optax.incremental_update(critic_params, params["slow_critic"], cfg.slow_critic_rate)
@@ -757,7 +780,7 @@ def update(
     if cfg.actor_ema_rate > 0:  # the evaluated actor: an average over the last ~1/rate updates
         new_params["actor_ema"] = optax.incremental_update(actor_params, params["actor_ema"], cfg.actor_ema_rate)
     opt_state = {"world_model": wm_opt, "actor": actor_opt, "critic": critic_opt}
-    return new_params, opt_state, norm, {**wm_metrics, **actor_metrics, **critic_metrics}
+    return new_params, opt_state, norm, {**wm_metrics, **actor_metrics, **critic_metrics, **gradient_metrics}
 
 
 def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any], behavior.ReturnNorm, dict]:
