@@ -398,7 +398,7 @@ def _agc_limit(param: jax.Array, ratio: float, min_norm: float = AGC_MIN_NORM) -
 
 def _gradient_metrics(part: str, grads: Any, params: Any, cfg: DreamerConfig) -> dict[str, jax.Array]:
     """``GRADIENT_METRICS`` of one optimiser (``part``) for its raw gradient."""
-    norm = optax.global_norm(grads)
+    norm = optax.tree.norm(grads)
     if cfg.agc > 0:
         bound = jax.tree.map(lambda g, p: jnp.linalg.norm(g.ravel()) > _agc_limit(p, cfg.agc), grads, params)
         clipped = jnp.mean(jnp.stack(jax.tree.leaves(bound)).astype(jnp.float32))
