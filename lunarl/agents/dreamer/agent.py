@@ -373,6 +373,15 @@ def nets(env: LunarEnv, cfg: DreamerConfig) -> Nets:
     )
 
 
+def _agc_limit(param: jax.Array, ratio: float, min_norm: float = AGC_MIN_NORM) -> jax.Array:
+    return ratio * jnp.maximum(jnp.linalg.norm(param.ravel()), min_norm)
+
+
+def _global_clip(cfg: DreamerConfig, part: str) -> float:
+    """The global-norm clip of one optimiser (``part``: world_model | actor | critic)."""
+    return {"world_model": cfg.model_clip, "actor": cfg.actor_clip, "critic": cfg.critic_clip}[part]
+
+
 def clip_by_parameter_norm(ratio: float, min_norm: float = AGC_MIN_NORM) -> optax.GradientTransformation:
     """DreamerV3's adaptive gradient clipping: scale each tensor's gradient down so its norm is at
     most ``ratio`` x that tensor's parameter norm (at least ``min_norm``, so a zero-initialised bias
@@ -392,10 +401,6 @@ def clip_by_parameter_norm(ratio: float, min_norm: float = AGC_MIN_NORM) -> opta
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def _agc_limit(param: jax.Array, ratio: float, min_norm: float = AGC_MIN_NORM) -> jax.Array:
-    return ratio * jnp.maximum(jnp.linalg.norm(param.ravel()), min_norm)
-
-
 def _gradient_metrics(part: str, grads: Any, params: Any, cfg: DreamerConfig) -> dict[str, jax.Array]:
     """``GRADIENT_METRICS`` of one optimiser (``part``) for its raw gradient."""
     norm = optax.tree.norm(grads)
@@ -403,8 +408,7 @@ def _gradient_metrics(part: str, grads: Any, params: Any, cfg: DreamerConfig) ->
         bound = jax.tree.map(lambda g, p: jnp.linalg.norm(g.ravel()) > _agc_limit(p, cfg.agc), grads, params)
         clipped = jnp.mean(jnp.stack(jax.tree.leaves(bound)).astype(jnp.float32))
     else:
-        clip = {"world_model": cfg.model_clip, "actor": cfg.actor_clip, "critic": cfg.critic_clip}[part]
-        clipped = (norm > clip).astype(jnp.float32)
+        clipped = (norm > _global_clip(cfg, part)).astype(jnp.float32)
     return {f"{part}/grad_norm": norm, f"{part}/clipped": clipped}
 
 
@@ -413,14 +417,17 @@ def _optimizers(cfg: DreamerConfig, lrs: dict[str, Any] | None = None) -> dict[s
     arrays: Adam's state does not depend on them, so it is the same state either way)."""
     lr = {k: getattr(cfg, k) for k in HYPERPARAMETERS} | dict(lrs or {})
 
-    def opt(lr: Any, clip: float, eps: float) -> optax.GradientTransformation:
-        clipping = clip_by_parameter_norm(cfg.agc) if cfg.agc > 0 else optax.clip_by_global_norm(clip)
+    def opt(part: str, lr: Any, eps: float) -> optax.GradientTransformation:
+        if cfg.agc > 0:
+            clipping = clip_by_parameter_norm(cfg.agc)
+        else:
+            clipping = optax.clip_by_global_norm(_global_clip(cfg, part))
         return optax.chain(clipping, optax.adam(lr, eps=eps))
 
     return {
-        "world_model": opt(lr["model_lr"], cfg.model_clip, cfg.model_eps),
-        "actor": opt(lr["actor_lr"], cfg.actor_clip, cfg.ac_eps),
-        "critic": opt(lr["critic_lr"], cfg.critic_clip, cfg.ac_eps),
+        "world_model": opt("world_model", lr["model_lr"], cfg.model_eps),
+        "actor": opt("actor", lr["actor_lr"], cfg.ac_eps),
+        "critic": opt("critic", lr["critic_lr"], cfg.ac_eps),
     }
 
 
