@@ -2,7 +2,8 @@
 and the agent through the real train / evaluate apps (resume bit-identical, size change refused).
 
 Compiled functions live in module-scoped fixtures and the sizes are tiny, so the default tests
-fit a CPU budget; the learning checks that need minutes are marked ``slow``.
+fit a CPU budget; the learning checks that need minutes, and the levers no experiment uses, are
+marked ``slow``.
 """
 
 from __future__ import annotations
