@@ -8,11 +8,11 @@ For each ``--sizes`` preset the script builds the agent on ``--env`` with the be
   ``--repeats`` calls after a warm-up call;
 * ``acting``: the collection alone (``dreamer.collect``: the envs plus the filtered RSSM and the
   actor at every step);
-* ``world_model``: ``updates_per_iteration`` world-model updates alone (sample, observe, losses,
-  gradient, Adam);
-* ``imagination``: ``updates_per_iteration`` behaviour updates alone (imagine from every
-  posterior latent, returns, actor and critic gradients, Adam, slow critic), on latents of one
-  fixed replayed batch (without the replay value loss, ``replay_value_scale`` 0 by default).
+* ``world_model``: ``updates_per_iteration`` world-model updates alone (sample, then
+  ``dreamer.world_model_update``: observe, losses, gradient, optimiser);
+* ``imagination``: ``updates_per_iteration`` behaviour updates alone (``dreamer.behavior_update``:
+  imagine from the posterior latents, returns, actor and critic gradients, optimisers, slow
+  critic), on the posterior of one fixed replayed batch.
 
 Each part is its own compiled program, with the iteration's compiler options, timed the same way; shares are part / iteration, and
 ``other`` is what the parts do not explain (replay writes, sampling, the parts' fusion across
@@ -35,14 +35,11 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 import lunarl
 from lunarl._platform import compile_options
 from lunarl.agents import replay as replay_lib
 from lunarl.agents.dreamer import agent as dreamer
-from lunarl.agents.dreamer import behavior
-from lunarl.agents.dreamer.world_model import world_model_loss
 
 
 def bench_config(env: Any, size: str, num_envs: int, sets: list[str]) -> dreamer.DreamerConfig:
@@ -90,61 +87,35 @@ def bench_size(env: Any, cfg: dreamer.DreamerConfig, repeats: int) -> dict[str, 
     collect = jax.jit(dreamer.collect, compiler_options=opts)
     acting_s = _time(lambda: collect(ts, jax.random.PRNGKey(1)), repeats)
 
-    opt = dreamer._optimizers(cfg)
-    loss_kw = dict(unimix=cfg.unimix, free_nats=cfg.free_nats, dyn_scale=cfg.dyn_scale,
-                   rep_scale=cfg.rep_scale, twohot=n.twohot)  # fmt: skip
-
+    # The agent's own two halves of ``dreamer.update``, so the parts time what training runs.
     @functools.partial(jax.jit, compiler_options=opts)
     def world_model_updates(params, opt_state, replay, rng):
         def body(carry, key):
             params, opt_state = carry
-            k_s, k_l = jax.random.split(key)
+            k_s, k_u = jax.random.split(key)
             seq = dreamer.time_major(replay_lib.sample_sequences(replay, k_s, cfg.batch_size, cfg.seq_len))
-            (_, (obs, _)), g = jax.value_and_grad(world_model_loss, argnums=1, has_aux=True)(
-                n.world_model, params, seq, k_l, **loss_kw)
-            u, opt_state = opt["world_model"].update(g, opt_state)
-            return (jax.tree.map(jnp.add, params, u), opt_state), None
+            wm_params, wm_opt, _, _ = dreamer.world_model_update(n, cfg, params, opt_state, seq, k_u)
+            return ({**params, "world_model": wm_params}, {**opt_state, "world_model": wm_opt}), None
 
         return jax.lax.scan(body, (params, opt_state), jax.random.split(rng, updates))[0]
 
-    wm_args = (ts.params["world_model"], ts.opt_state["world_model"], ts.replay, jax.random.PRNGKey(2))
+    wm_args = (ts.params, ts.opt_state, ts.replay, jax.random.PRNGKey(2))
     world_model_s = _time(lambda: world_model_updates(*wm_args), repeats)
 
     seq = dreamer.time_major(replay_lib.sample_sequences(ts.replay, jax.random.PRNGKey(3), cfg.batch_size, cfg.seq_len))
-    _, (observed, _) = jax.jit(lambda p, s: world_model_loss(n.world_model, p, s, jax.random.PRNGKey(4), **loss_kw))(
-        ts.params["world_model"], seq)
-    start = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), observed.latent)
-    start_cont = 1.0 - seq.terminated.reshape(-1)
+    observed = jax.jit(lambda p, o, s: dreamer.world_model_update(n, cfg, p, o, s, jax.random.PRNGKey(4))[2])(
+        ts.params, ts.opt_state, seq)
 
     @functools.partial(jax.jit, compiler_options=opts)
-    def behavior_updates(params, opt_state, norm, start, start_cont, rng):
+    def behavior_updates(params, opt_state, norm, seq, observed, rng):
         def body(carry, key):
             params, opt_state, norm = carry
-            starts, conts = start, start_cont
-            if 0 < cfg.imagine_starts < cfg.batch_size * cfg.seq_len:  # as ``dreamer.update`` picks them
-                key, k_starts = jax.random.split(key)
-                chosen = jax.random.choice(k_starts, cfg.batch_size * cfg.seq_len, (cfg.imagine_starts,), replace=False)
-                starts, conts = jax.tree.map(lambda x: x[chosen], (start, start_cont))
-            grad = jax.value_and_grad(behavior.behavior_losses, argnums=3, has_aux=True)
-            (_, (traj, ret, weight, norm, _)), g = grad(
-                n.world_model, params["world_model"], n.actor, params["actor"], n.critic, params["critic"], starts,
-                conts, norm, key, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
-                actor_grad=cfg.actor_grad, actor_entropy=cfg.actor_entropy, norm_rate=cfg.return_norm_rate,
-                norm_limit=cfg.return_norm_limit, twohot=n.twohot)  # fmt: skip
-            u, actor_opt = opt["actor"].update(g, opt_state["actor"])
-            actor = jax.tree.map(jnp.add, params["actor"], u)
-            (_, _), g = jax.value_and_grad(behavior.critic_loss, argnums=1, has_aux=True)(
-                n.critic, params["critic"], params["slow_critic"], traj, ret, weight, slow_reg=cfg.slow_reg,
-                twohot=n.twohot)  # fmt: skip
-            u, critic_opt = opt["critic"].update(g, opt_state["critic"])
-            critic = jax.tree.map(jnp.add, params["critic"], u)
-            slow = jax.tree.map(lambda s, c: s + cfg.slow_critic_rate * (c - s), params["slow_critic"], critic)
-            params = {**params, "actor": actor, "critic": critic, "slow_critic": slow}
-            return (params, {**opt_state, "actor": actor_opt, "critic": critic_opt}, norm), None
+            new, new_opt, norm, _ = dreamer.behavior_update(n, cfg, params, opt_state, norm, seq, observed, key)
+            return ({**params, **new}, {**opt_state, **new_opt}, norm), None
 
         return jax.lax.scan(body, (params, opt_state, norm), jax.random.split(rng, updates))[0]
 
-    b_args = (ts.params, ts.opt_state, ts.return_norm, start, start_cont, jax.random.PRNGKey(5))
+    b_args = (ts.params, ts.opt_state, ts.return_norm, seq, observed, jax.random.PRNGKey(5))
     imagination_s = _time(lambda: behavior_updates(*b_args), repeats)
 
     parts = {"acting": acting_s, "world_model": world_model_s, "imagination": imagination_s}

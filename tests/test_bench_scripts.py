@@ -114,3 +114,22 @@ def test_bench_warmup_skip_rejects_bad_input_in_one_line(tmp_path, args, named):
     assert proc.returncode != 0 and named in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
     assert not (tmp_path / "x.json").exists()
+
+
+# Compiles a tiny Dreamer iteration and each of its parts: ~2 min on 2 cores, so `make test-all`.
+@pytest.mark.slow
+def test_device_script_runs_the_dreamer_table_rows_and_each_writes_every_part(tmp_path):
+    """scripts/device_dreamer.sh (the GPU table's one device call) in its CPU check mode: the tiny
+    row through bench_dreamer.py, whose parts are the agent's own world-model and behaviour updates."""
+    env = {**os.environ, "DEVICE_QUICK": "1", "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    proc = subprocess.run(["bash", str(SCRIPTS / "device_dreamer.sh")], cwd=SCRIPTS.parent, env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "cpu" in (tmp_path / "devices.txt").read_text()
+    result = json.loads((tmp_path / "bench_dreamer_tiny_tr16.json").read_text())
+    assert result["backend"] == "cpu" and result["overrides"] == ["imagine_starts=128", "train_ratio=16"]
+    (row,) = result["results"]
+    assert row["size"] == "tiny" and row["updates_per_iteration"] == 8 and row["env_steps_per_iteration"] == 256
+    assert set(row["part_s"]) == {"acting", "world_model", "imagination"}
+    assert all(t > 0 for t in row["part_s"].values()) and row["iteration_s"] > 0
+    assert row["share"]["other"] == pytest.approx(1 - sum(row["part_s"].values()) / row["iteration_s"])

@@ -26,7 +26,7 @@ from conftest import REPO
 
 BIN = Path(sys.executable).parent
 SBATCH = sorted((REPO / "slurm").glob("*.sbatch"))
-SHELL_SCRIPTS = sorted([*(REPO / "slurm").glob("*.sh"), *SBATCH, *(REPO / "aws").glob("*.sh")])
+SHELL_SCRIPTS = sorted([*(REPO / "slurm").glob("*.sh"), *SBATCH, *(REPO / "aws").glob("*.sh"), *(REPO / "scripts").glob("*.sh")])
 STACK = REPO / "aws" / "stack.yaml"
 WRAPPER = REPO / "slurm" / "requeue_on_signal.sh"
 STOP_CODE = 75  # run.stop_exit_code in the sbatch templates and aws/submit.sh; retried on by both
@@ -51,7 +51,8 @@ def lint(*cmd: str, stdin: str | None = None) -> None:
 
 def test_every_shell_script_passes_shellcheck():
     names = {p.relative_to(REPO).as_posix() for p in SHELL_SCRIPTS}
-    assert {"slurm/requeue_on_signal.sh", "slurm/one_gpu.sbatch", "slurm/multi_node.sbatch", "aws/submit.sh"} <= names
+    assert {"slurm/requeue_on_signal.sh", "slurm/one_gpu.sbatch", "slurm/multi_node.sbatch", "aws/submit.sh",
+            "scripts/device_dreamer.sh"} <= names
     lint(linter("shellcheck"), "--external-sources", *sorted(names))
 
 

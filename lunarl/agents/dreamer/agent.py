@@ -75,6 +75,7 @@ from lunarl.agents.dreamer import behavior, probe, terminal_replay
 from lunarl.agents.dreamer.world_model import (
     Latent,
     ModelDims,
+    Observed,
     TwoHot,
     WorldModelNet,
     sample_stoch,
@@ -700,18 +701,44 @@ def update(
     """One gradient update on time-major sequences ``seq``: world model, actor, critic, slow critic
     (``lrs``: a population row's learning rates; ``probing``: whether the probes may run, with
     ``probe_scale > 0``)."""
-    opts = _optimizers(cfg, lrs)
     k_wm, k_imagine = jax.random.split(rng)
+    wm_params, wm_opt, observed, wm_metrics = world_model_update(n, cfg, params, opt_state, seq, k_wm, lrs)
+    new_params, new_opt, norm, metrics = behavior_update(
+        n, cfg, params, opt_state, norm, seq, observed, k_imagine, lrs, probing
+    )
+    return ({"world_model": wm_params, **new_params}, {"world_model": wm_opt, **new_opt}, norm,
+            {**wm_metrics, **metrics})  # fmt: skip
+
+
+def world_model_update(
+    n: Nets, cfg: DreamerConfig, params: dict[str, Any], opt_state: dict[str, Any], seq: Step, rng: jax.Array,
+    lrs: dict[str, Any] | None = None,
+) -> tuple[Any, Any, Observed, dict[str, jax.Array]]:  # fmt: skip
+    """The world model's part of ``update``: (its new parameters, its optimiser state, the
+    posterior of ``seq`` under the old parameters, its loss and gradient metrics)."""
+    opts = _optimizers(cfg, lrs)
     wm_grad = jax.value_and_grad(world_model_loss, argnums=1, has_aux=True)
     (_, (observed, wm_metrics)), grads = wm_grad(
-        n.world_model, params["world_model"], seq, k_wm, unimix=cfg.unimix, free_nats=cfg.free_nats,
+        n.world_model, params["world_model"], seq, rng, unimix=cfg.unimix, free_nats=cfg.free_nats,
         dyn_scale=cfg.dyn_scale, rep_scale=cfg.rep_scale, twohot=n.twohot, reward_scale=cfg.reward_scale,
         cont_scale=cfg.cont_scale,
     )  # fmt: skip
     gradient_metrics = _gradient_metrics("world_model", grads, params["world_model"], cfg)
     updates, wm_opt = opts["world_model"].update(grads, opt_state["world_model"], params["world_model"])
     wm_params = optax.apply_updates(params["world_model"], updates)
+    return wm_params, wm_opt, observed, {**wm_metrics, **gradient_metrics}
 
+
+def behavior_update(
+    n: Nets, cfg: DreamerConfig, params: dict[str, Any], opt_state: dict[str, Any],
+    norm: behavior.ReturnNorm, seq: Step, observed: Observed, rng: jax.Array, lrs: dict[str, Any] | None = None,
+    probing: jax.Array | bool = True,
+) -> tuple[dict[str, Any], dict[str, Any], behavior.ReturnNorm, dict[str, jax.Array]]:  # fmt: skip
+    """The behaviour's part of ``update``, on ``observed`` (``seq``'s posterior from
+    ``world_model_update``): the new actor, critic, slow critic (and actor average) with the actor
+    and critic optimiser states, the return normaliser and the metrics."""
+    opts = _optimizers(cfg, lrs)
+    k_imagine = rng
     # Imagine from the posterior latents of the batch (all of them, or a random subset of
     # ``imagine_starts``), with the world model the latents came from.
     start = jax.tree.map(lambda x: jax.lax.stop_gradient(x.reshape((-1,) + x.shape[2:])), observed.latent)
@@ -759,7 +786,7 @@ def update(
         actor_metrics = {**actor_metrics, **probe_metrics, "probe/active": active.astype(jnp.float32)}
     else:
         actor_metrics = {**actor_metrics, **_no_probe_metrics(), "probe/active": jnp.zeros(())}
-    gradient_metrics |= _gradient_metrics("actor", grads, params["actor"], cfg)
+    gradient_metrics = _gradient_metrics("actor", grads, params["actor"], cfg)
     updates, actor_opt = opts["actor"].update(grads, opt_state["actor"], params["actor"])
     actor_params = optax.apply_updates(params["actor"], updates)
 
@@ -783,11 +810,11 @@ def update(
     critic_params = optax.apply_updates(params["critic"], updates)
     slow = optax.incremental_update(critic_params, params["slow_critic"], cfg.slow_critic_rate)
 
-    new_params = {"world_model": wm_params, "actor": actor_params, "critic": critic_params, "slow_critic": slow}
+    new_params = {"actor": actor_params, "critic": critic_params, "slow_critic": slow}
     if cfg.actor_ema_rate > 0:  # the evaluated actor: an average over the last ~1/rate updates
         new_params["actor_ema"] = optax.incremental_update(actor_params, params["actor_ema"], cfg.actor_ema_rate)
-    opt_state = {"world_model": wm_opt, "actor": actor_opt, "critic": critic_opt}
-    return new_params, opt_state, norm, {**wm_metrics, **actor_metrics, **critic_metrics, **gradient_metrics}
+    metrics = {**actor_metrics, **critic_metrics, **gradient_metrics}
+    return new_params, {"actor": actor_opt, "critic": critic_opt}, norm, metrics
 
 
 def learn(ts: TrainState, rng: jax.Array) -> tuple[dict[str, Any], dict[str, Any], behavior.ReturnNorm, dict]:
