@@ -19,12 +19,14 @@ Each part is its own compiled program, with the iteration's compiler options, ti
 program boundaries), which can be negative when the whole program fuses better than its parts.
 
     python scripts/bench_dreamer.py                              # car_track, tiny and 1m
+    python scripts/bench_dreamer.py --experiment car_track_dreamer   # that experiment's agent settings
     python scripts/bench_dreamer.py --sizes tiny 1m 12m --repeats 5 --out scripts/results/bench_dreamer/cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import pathlib
@@ -41,10 +43,32 @@ from lunarl._platform import compile_options
 from lunarl.agents import replay as replay_lib
 from lunarl.agents.dreamer import agent as dreamer
 
+CONF = pathlib.Path(__file__).resolve().parent.parent / "conf"
 
-def bench_config(env: Any, size: str, num_envs: int, sets: list[str]) -> dreamer.DreamerConfig:
-    overrides: dict[str, Any] = dict(num_envs=num_envs, episode_length=env.default_episode_length, size=size,
-                                     prefill=0)  # fmt: skip
+
+def experiment_setting(experiment: str) -> tuple[str, Any, dict[str, Any]]:
+    """The env (name, env) and the agent fields of ``+experiment=NAME``, composed as
+    ``lunarl.train`` does."""
+    from hydra import compose, initialize_config_dir
+
+    from lunarl.run.schema import register_schemas, validate_train
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        plan = validate_train(compose("config", overrides=[f"+experiment={experiment}"]))
+    if plan.agent_name != "dreamer":
+        raise SystemExit(f"bench_dreamer: experiment {experiment} trains {plan.agent_name}, not dreamer")
+    env, _ = plan.env_and_agent()
+    return plan.env_name, env, {f.name: getattr(plan.agent_config, f.name) for f in dataclasses.fields(plan.agent_config)}
+
+
+def bench_config(env: Any, size: str, num_envs: int, sets: list[str],
+                 base: dict[str, Any] | None = None) -> dreamer.DreamerConfig:  # fmt: skip
+    """``base`` (an experiment's agent fields, or the defaults) at ``size`` and ``num_envs``,
+    without a prefill (every timed call learns), then the ``--set`` overrides."""
+    overrides: dict[str, Any] = dict(base or {})
+    overrides.update(num_envs=num_envs, size=size, prefill=0)
+    overrides.setdefault("episode_length", env.default_episode_length)
     overrides.update(dreamer.DreamerConfig.parse_overrides(sets))
     return dreamer.DreamerConfig.build(**overrides)
 
@@ -138,24 +162,32 @@ def bench_size(env: Any, cfg: dreamer.DreamerConfig, repeats: int) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="car_track")
-    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--experiment", default=None,
+                        help="take the env and the agent settings from +experiment=NAME (then --set)")
+    parser.add_argument("--num-envs", type=int, default=None, help="default: the experiment's, or 16")
     parser.add_argument("--sizes", nargs="+", default=["tiny", "1m"], choices=sorted(dreamer.SIZES))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="DreamerConfig override")
     parser.add_argument("--out", default="bench_results/bench_dreamer.json")
     args = parser.parse_args()
 
-    env = lunarl.envs.make(args.env)
+    if args.experiment:
+        args.env, env, base = experiment_setting(args.experiment)
+        args.num_envs = args.num_envs or base["num_envs"]
+    else:
+        env, base = lunarl.envs.make(args.env), None
+        args.num_envs = args.num_envs or 16
     rows = []
     for size in args.sizes:
-        cfg = bench_config(env, size, args.num_envs, args.set)
+        cfg = bench_config(env, size, args.num_envs, args.set, base)
         row = bench_size(env, cfg, args.repeats)
         rows.append(row)
         share = "  ".join(f"{k} {v:5.1%}" for k, v in row["share"].items())
         print(f"{size:>5}: {row['env_steps_per_s']:8.1f} env steps/s  {row['updates_per_s']:7.2f} updates/s  "
               f"(iteration {row['iteration_s']:.3f}s, compile {row['compile_s']:.0f}s)  {share}", flush=True)  # fmt: skip
-    cfg = bench_config(env, args.sizes[0], args.num_envs, args.set)
+    cfg = bench_config(env, args.sizes[0], args.num_envs, args.set, base)
     result = {
+        "experiment": args.experiment,
         "env": args.env,
         "num_envs": args.num_envs,
         "settings": {k: getattr(cfg, k) for k in ("unroll_length", "train_ratio", "batch_size", "seq_len", "horizon",

@@ -133,3 +133,17 @@ def test_device_script_runs_the_dreamer_table_rows_and_each_writes_every_part(tm
     assert set(row["part_s"]) == {"acting", "world_model", "imagination"}
     assert all(t > 0 for t in row["part_s"].values()) and row["iteration_s"] > 0
     assert row["share"]["other"] == pytest.approx(1 - sum(row["part_s"].values()) / row["iteration_s"])
+
+
+def test_bench_dreamer_takes_an_experiments_agent_settings_without_its_prefill():
+    sys.path.insert(0, str(SCRIPTS))
+    import bench_dreamer
+
+    name, env, base = bench_dreamer.experiment_setting("car_track_dreamer")
+    cfg = bench_dreamer.bench_config(env, "1m", base["num_envs"], ["horizon=10"], base)
+    assert name == "car_track" and cfg.size == "1m" and cfg.prefill == 0 and cfg.horizon == 10
+    # The experiment's own settings, which the agent's defaults do not have.
+    assert (cfg.train_ratio, cfg.imagine_starts, cfg.terminal_fraction, cfg.actor_ema_rate) == (256.0, 128, 0.25, 0.001)
+    assert cfg.num_envs == 16 and cfg.updates_per_iteration == 128
+    with pytest.raises(SystemExit, match="trains ppo, not dreamer"):
+        bench_dreamer.experiment_setting("rover")
