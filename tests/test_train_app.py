@@ -227,8 +227,11 @@ def test_learning_curve_script_carries_named_training_metrics_into_each_evaluati
 def test_multirun_gives_each_job_its_own_run_dir(tmp_path, app_env):
     sweep = tmp_path / "sweep"
     args = ["-m", *SMOKE, "seed=0,1", f"run.dir={sweep}", "run.total_env_steps=1280", "run.eval_every=0", "logger.wandb.mode=offline"]
-    proc = run_app(app_env, "lunarl.train", *args, cwd=tmp_path)
+    temp = tmp_path / "temp"  # the jobs' system temp dir
+    temp.mkdir()
+    proc = run_app({**app_env, "TMPDIR": str(temp)}, "lunarl.train", *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not [p.name for p in temp.iterdir() if "wandb" in p.name]  # wandb's staging dirs removed
     configs = []
     for job in ("0", "1"):
         job_dir = sweep / job

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import threading
 import warnings
 from collections.abc import Callable, Iterable
@@ -263,6 +264,23 @@ class _HydraFiles:
                 pass
 
 
+# Temporary dirs that libraries create when imported and delete at interpreter exit, which
+# ``run_app``'s ``os._exit`` skips: wandb's media and artifact staging dirs (two per run, left in
+# the system temp dir of every run and sweep job otherwise).
+_LIBRARY_TEMP_DIRS = (("wandb.sdk.data_types._private", "MEDIA_TMP"), ("wandb.sdk.artifacts.artifact", "Artifact._TMP_DIR"))
+
+
+def remove_library_temp_dirs() -> None:
+    """Delete the ``_LIBRARY_TEMP_DIRS`` of the modules this process imported (a missing module or
+    attribute, e.g. another wandb version's layout, is skipped)."""
+    for module, attribute in _LIBRARY_TEMP_DIRS:
+        found: Any = sys.modules.get(module)
+        for name in attribute.split("."):
+            found = getattr(found, name, None)
+        if isinstance(found, tempfile.TemporaryDirectory):
+            found.cleanup()
+
+
 def _explicit_run_dir(argv: list[str]) -> Path | None:
     values = [a.split("=", 1)[1] for a in argv if a.startswith("run.dir=")]
     return Path(values[-1]) if values and not any(a in ("-m", "--multirun") for a in argv) else None
@@ -301,6 +319,7 @@ def run_app(app: str, hydra_main: Callable[[], Any], schema: type, appended_grou
     # down. Everything that matters was closed explicitly (wandb finished, checkpoints waited
     # for and closed by the loop); flush what was printed and exit with the app's code.
     logging.shutdown()
+    remove_library_temp_dirs()
     for stream in (sys.stdout, real):
         stream.flush()
     os._exit(code)
