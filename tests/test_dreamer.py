@@ -588,6 +588,9 @@ def test_resume_with_another_model_size_is_refused(resumed, dreamer_env):
     assert "refusing to load it" in err and "Traceback" not in err
 
 
+# A diagnostic script of the car's crash analysis (scripts/results/dreamer.md, sessions 14-18): its
+# programs compile at XLA's default level, ~170 s of the default suite, so `make test-all`.
+@pytest.mark.slow
 def test_crash_foresight_script_reads_the_episodes_eval_unseen_tracks_drives(uninterrupted, tmp_path, capsys):
     """``scripts/car_crash_foresight.py`` drives the same held-out tracks as
     ``eval_unseen_tracks.py`` with the same policy: its lap share and mean length are that
