@@ -1,7 +1,8 @@
 """Dreamer throughput per size preset: env steps/s, gradient updates/s, and where the time goes.
 
-For each ``--sizes`` preset the script builds the agent on ``--env`` with the benchmark settings
-(``--set FIELD=VALUE`` overrides ``DreamerConfig``), fills the replay past the prefill, then times
+For each ``--sizes`` preset the script builds the agent on ``--env`` with the agent's defaults, or
+on an experiment's env with its agent settings (``--experiment NAME``), without a prefill
+(``--set FIELD=VALUE`` overrides ``DreamerConfig``), fills the replay with whole sequences, then times
 
 * ``iteration``: the whole ``train_step`` (collect ``unroll_length`` steps of the vmapped envs,
   append to the replay, ``updates_per_iteration`` updates), compiled once, median of
