@@ -7,8 +7,9 @@ the actor on the latent); the steps are appended to the on-device replay
 (``lunarl.agents.replay``, ``[capacity, num_envs, ...]``) that lives in the TrainState; then
 ``updates_per_iteration`` gradient updates in a second ``lax.scan``, each on ``batch_size``
 freshly sampled sequences of ``seq_len`` steps (uniform, or a ``terminal_fraction`` of them
-drawn around terminal steps: ``terminal_replay``): world model, then actor and critic on
-imagination from every posterior latent of the batch, then the slow critic. Until
+drawn around terminal steps: ``terminal_replay``): ``update`` is ``world_model_update`` (the
+world model), then ``behavior_update`` (actor and critic on imagination from the batch's posterior
+latents, then the slow critic); ``scripts/bench_dreamer.py`` times the two apart. Until
 ``prefill`` env steps have been taken the actions are uniform in [-1, 1] (each held for
 ``prefill_hold`` steps on average) and the updates are skipped with ``lax.cond``
 (``base.seed_cond``, so they are skipped under the host's seed vmap too), so the program is the
