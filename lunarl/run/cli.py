@@ -278,7 +278,10 @@ def remove_library_temp_dirs() -> None:
         for name in attribute.split("."):
             found = getattr(found, name, None)
         if isinstance(found, tempfile.TemporaryDirectory):
-            found.cleanup()
+            try:
+                found.cleanup()
+            except OSError:  # never worth a traceback on the way out
+                pass
 
 
 def _explicit_run_dir(argv: list[str]) -> Path | None:
