@@ -135,8 +135,8 @@ def test_device_script_runs_the_dreamer_table_rows_and_each_writes_every_part(tm
     assert row["share"]["other"] == pytest.approx(1 - sum(row["part_s"].values()) / row["iteration_s"])
 
 
-def test_bench_dreamer_takes_an_experiments_agent_settings_without_its_prefill():
-    sys.path.insert(0, str(SCRIPTS))
+def test_bench_dreamer_takes_an_experiments_agent_settings_without_its_prefill(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
     import bench_dreamer
 
     name, env, base = bench_dreamer.experiment_setting("car_track_dreamer")

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import pytest
 from brax.envs.base import Wrapper
-from conftest import fast_jit, run_app
+from conftest import fast_jit, run_app, unadopted_lever
 from jax.flatten_util import ravel_pytree
 
 import lunarl
@@ -870,9 +870,7 @@ def test_actor_ema_is_the_evaluated_policy_and_changes_no_training_step(env, col
         dreamer.DreamerConfig.build(actor_ema_rate=1.5)
 
 
-# A lever that no experiment uses (measured and not adopted: scripts/results/dreamer.md); its
-# compiles cost the default suite more than its share, so it runs with `make test-all`.
-@pytest.mark.slow
+@unadopted_lever
 def test_collect_noise_corr_correlates_the_exploration_noise_over_steps_and_restarts_it(env):
     """With ``collect_noise_corr = rho`` the collecting policy's Gaussian noise follows
     ``z_t = rho z_{t-1} + sqrt(1 - rho^2) eps_t`` (unit variance every step, lag-1 correlation
@@ -911,9 +909,7 @@ def test_collect_noise_corr_correlates_the_exploration_noise_over_steps_and_rest
         dreamer.DreamerConfig.build(collect_noise_corr=1.0)
 
 
-# A lever that no experiment uses (measured and not adopted: scripts/results/dreamer.md); its
-# compiles cost the default suite more than its share, so it runs with `make test-all`.
-@pytest.mark.slow
+@unadopted_lever
 def test_imagine_noise_corr_correlates_the_imagined_noise_and_at_zero_is_the_independent_sampler(env):
     """With ``imagine_noise_corr = rho`` the actor's standard-normal draws in imagination follow
     ``z_t = rho z_{t-1} + sqrt(1 - rho^2) eps_t`` over the imagined steps (unit variance, lag-1
@@ -979,9 +975,7 @@ def _probe_diagnosis(nets, wm_params, actor_params, critic_params, start, rng, k
     return f"metrics {metrics}; {finite}; non-finite feats at steps {first_bad}; candidates' spread {spread}"
 
 
-# A lever that no experiment uses (measured and not adopted: scripts/results/dreamer.md); its
-# compiles cost the default suite more than its share, so it runs with `make test-all`.
-@pytest.mark.slow
+@unadopted_lever
 def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_best(
     env, cfg, trained_world_model, collected
 ):
@@ -1097,9 +1091,7 @@ def test_probes_hold_each_action_at_its_limits_share_their_draws_and_distil_the_
         dreamer.DreamerConfig.build(probe_from=4096)
 
 
-# A lever that no experiment uses (measured and not adopted: scripts/results/dreamer.md); its
-# compiles cost the default suite more than its share, so it runs with `make test-all`.
-@pytest.mark.slow
+@unadopted_lever
 def test_lookahead_takes_a_held_action_only_where_it_beats_the_plan_ahead_of_an_imagined_end(
     env, trained_world_model, collected
 ):
@@ -1148,9 +1140,7 @@ def test_lookahead_takes_a_held_action_only_where_it_beats_the_plan_ahead_of_an_
     assert np.all(np.isfinite(actions)) and np.all(np.abs(actions) <= 1.0)
 
 
-# A lever that no experiment uses (measured and not adopted: scripts/results/dreamer.md); its
-# compiles cost the default suite more than its share, so it runs with `make test-all`.
-@pytest.mark.slow
+@unadopted_lever
 def test_prefill_hold_keeps_each_uniform_prefill_action_for_hold_steps_on_average(env):
     """With ``prefill_hold = h`` each env keeps its previous prefill action with probability
     1 - 1/h (a fresh uniform draw otherwise, and always on an episode's first step), so every

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import adam_counts, assert_same_state, fast_jit
+from conftest import adam_counts, assert_same_state, fast_jit, unadopted_lever
 
 import lunarl
 from lunarl.agents.dreamer import agent as dreamer
@@ -43,9 +43,7 @@ def trained(env):
     return ts
 
 
-# A lever that no experiment uses (measured and not adopted: scripts/results/dreamer.md); its
-# compiles cost the default suite more than its share, so it runs with `make test-all`.
-@pytest.mark.slow
+@unadopted_lever
 @pytest.mark.parametrize("part", ["critic", "actor_critic"])
 def test_reset_restarts_only_the_named_parts(env, trained, part):
     cfg = dreamer.DreamerConfig.build(**SMALL, behavior_reset=part)
@@ -69,9 +67,7 @@ def test_reset_restarts_only_the_named_parts(env, trained, part):
     assert_same_state(opt_state, ts.opt_state)
 
 
-# A lever that no experiment uses (measured and not adopted: scripts/results/dreamer.md); its
-# compiles cost the default suite more than its share, so it runs with `make test-all`.
-@pytest.mark.slow
+@unadopted_lever
 def test_reset_fires_once_before_the_iterations_updates(env):
     """Twin runs from one seed, with and without a reset at env step 40: they agree until the third
     iteration; in it the critic's Adam count restarts (4 updates, not 8) while the world model, which

@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import adam_counts, fast_jit
+from conftest import adam_counts, fast_jit, unadopted_lever
 
 import lunarl
 from lunarl.agents.dreamer import agent as dreamer
@@ -32,9 +32,7 @@ def test_active_updates_rise_linearly_from_the_start_ratio_after_the_prefill():
     assert int(flat.active_updates(np.int32(32))) == 4
 
 
-# A lever that no experiment uses (measured and not adopted: scripts/results/dreamer.md); its
-# compiles cost the default suite more than its share, so it runs with `make test-all`.
-@pytest.mark.slow
+@unadopted_lever
 def test_updates_past_the_share_change_nothing_are_not_counted_and_do_not_run(monkeypatch):
     env = lunarl.envs.make("car_track")
     cfg = dreamer.DreamerConfig.build(**RAMPED)

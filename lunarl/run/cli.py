@@ -270,7 +270,7 @@ class _HydraFiles:
 _LIBRARY_TEMP_DIRS = (("wandb.sdk.data_types._private", "MEDIA_TMP"), ("wandb.sdk.artifacts.artifact", "Artifact._TMP_DIR"))
 
 
-def remove_library_temp_dirs() -> None:
+def _remove_library_temp_dirs() -> None:
     """Delete the ``_LIBRARY_TEMP_DIRS`` of the modules this process imported (a missing module or
     attribute, e.g. another wandb version's layout, is skipped)."""
     for module, attribute in _LIBRARY_TEMP_DIRS:
@@ -322,7 +322,7 @@ def run_app(app: str, hydra_main: Callable[[], Any], schema: type, appended_grou
     # down. Everything that matters was closed explicitly (wandb finished, checkpoints waited
     # for and closed by the loop); flush what was printed and exit with the app's code.
     logging.shutdown()
-    remove_library_temp_dirs()
+    _remove_library_temp_dirs()
     for stream in (sys.stdout, real):
         stream.flush()
     os._exit(code)

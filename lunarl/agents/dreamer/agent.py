@@ -739,27 +739,26 @@ def behavior_update(
     ``world_model_update``): the new actor, critic, slow critic (and actor average) with the actor
     and critic optimiser states, the return normaliser and the metrics."""
     opts = _optimizers(cfg, lrs)
-    k_imagine = rng
     # Imagine from the posterior latents of the batch (all of them, or a random subset of
     # ``imagine_starts``), with the world model the latents came from.
     start = jax.tree.map(lambda x: jax.lax.stop_gradient(x.reshape((-1,) + x.shape[2:])), observed.latent)
     start_cont = 1.0 - seq.terminated.reshape(-1)
     num_starts = cfg.batch_size * cfg.seq_len
     if 0 < cfg.imagine_starts < num_starts:
-        k_starts, k_imagine = jax.random.split(k_imagine)
+        k_starts, rng = jax.random.split(rng)
         chosen = jax.random.choice(k_starts, num_starts, (cfg.imagine_starts,), replace=False)
         start, start_cont = jax.tree.map(lambda x: x[chosen], (start, start_cont))
     actor_grad = jax.value_and_grad(behavior.behavior_losses, argnums=3, has_aux=True)
     (_, (traj, returns, weight, norm, actor_metrics)), grads = actor_grad(
         n.world_model, params["world_model"], n.actor, params["actor"], n.critic, params["critic"], start,
-        start_cont, norm, k_imagine, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
+        start_cont, norm, rng, horizon=cfg.horizon, unimix=cfg.unimix, gamma=cfg.gamma, lam=cfg.lam,
         actor_grad=cfg.actor_grad, actor_entropy=cfg.actor_entropy, norm_rate=cfg.return_norm_rate,
         reinforce_share=cfg.actor_reinforce_share,
         norm_limit=cfg.return_norm_limit, twohot=n.twohot, noise_corr=cfg.imagine_noise_corr,
         noise_share=cfg.imagine_noise_share,
     )  # fmt: skip
     if cfg.probe_scale > 0:
-        k_probe_starts, k_probe = jax.random.split(jax.random.fold_in(k_imagine, 1))
+        k_probe_starts, k_probe = jax.random.split(jax.random.fold_in(rng, 1))
         probed = jax.random.permutation(k_probe_starts, start_cont.shape[0])[: cfg.probe_starts]
         probe_start, probe_cont = jax.tree.map(lambda x: x[probed], (start, start_cont))
 
